@@ -1,0 +1,59 @@
+"""The four sub-agents as one node function each: a task in, a result and any new datasets out.
+
+Every sub-agent is the same tool-calling loop with its own template and tools; a failed attempt (invalid output
+or an unresolved tool error) is retried with the error fed back, up to `workflow.max_retries` times.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from agents.loop import run_tool_loop
+from agents.tools import TOOLS_BY_AGENT, ToolContext, ensure_sales_db
+
+PREVIEW_ROWS = 3
+
+
+async def run_subagent(payload: dict[str, Any], services: Any) -> dict[str, Any]:
+    """Run one task (a LangGraph `Send` payload); returns the partial state: its result and new datasets."""
+    agent, tid = payload["agent"], payload["task_id"]
+    template = payload["templates"][agent]
+    wf = services.settings.workflow
+    known = dict(payload.get("datasets") or {})
+    ctx = ToolContext(db_path=ensure_sales_db(Path(wf.data_db)), datasets=dict(known))
+    model = services.chat_model(agent, template["id"], payload.get("run_id"))
+    messages = [SystemMessage(template["text"]), HumanMessage(task_prompt(payload, known))]
+    attempts, outcome = 0, None
+    while attempts <= wf.max_retries:
+        attempts += 1
+        outcome = await run_tool_loop(model, messages, TOOLS_BY_AGENT[agent], ctx, wf.max_tool_turns)
+        if outcome.ok:
+            break
+        messages.append(HumanMessage(f"That attempt failed: {outcome.error}\nFix the problem and try again."))
+    new = {f"{tid}.{name}": rows for name, rows in ctx.datasets.items() if name not in known}
+    result = {"task_id": tid, "agent": agent, "task": payload["task"], "ok": outcome.ok, "output": outcome.output,
+              "error": outcome.error, "attempts": attempts, "tool_calls": outcome.tool_calls,
+              "datasets": sorted(new), "template_id": template["id"]}
+    return {"results": {tid: result}, "datasets": new}
+
+
+def task_prompt(payload: dict[str, Any], datasets: dict[str, list[dict]]) -> str:
+    """The user turn a sub-agent sees: the request, its task, earlier results, and the datasets it may use."""
+    parts = [f"User request: {payload['query']}", f"Your task: {payload['task']}"]
+    earlier = [r for r in (payload.get("results") or {}).values()]
+    if earlier:
+        parts.append("Results of earlier steps:\n" + "\n".join(
+            f"- {r['agent']}: {'ok' if r['ok'] else 'FAILED'}: {(r['output'] or r['error'] or '')[:300]}" for r in earlier))
+    if datasets:
+        parts.append("Datasets you can use:\n" + "\n".join(_describe(n, rows) for n, rows in datasets.items()))
+    return "\n\n".join(parts)
+
+
+def _describe(name: str, rows: list[dict]) -> str:
+    columns = list(rows[0]) if rows else []
+    preview = json.dumps(rows[:PREVIEW_ROWS], default=str)
+    return f"- {name}: {len(rows)} rows, columns {columns}, first rows {preview}"

@@ -1,0 +1,129 @@
+"""Binding strings: the one parser that turns `kind:target?opt=val` into a typed Binding.
+
+    azure:<deployment>                 Azure OpenAI (AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, OPENAI_API_VERSION)
+    openai:<model>?base_url=...        any OpenAI-compatible server (api_key_env names the key's variable)
+    gguf:<alias or path>?lora=...      a local GGUF model through llama-cpp-python
+    hf:<path>                          transformers (+ a peft adapter when the path holds one)
+
+Options come inline (query-style) or from config (`[bindings."<binding>"]`); inline wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from app.errors import BindingError
+
+
+class BindingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # USD per million tokens; overrides the built-in price table (app/cost.py).
+    price_in: float | None = None
+    price_out: float | None = None
+    timeout: float = 120.0
+
+
+class AzureOptions(BindingOptions):
+    endpoint_env: str = "AZURE_OPENAI_ENDPOINT"
+    api_key_env: str = "AZURE_OPENAI_API_KEY"
+    api_version: str | None = None  # default: $OPENAI_API_VERSION
+
+
+class OpenAIOptions(BindingOptions):
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+class GGUFOptions(BindingOptions):
+    lora: str | None = None
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    seed: int = 0
+
+
+class HFOptions(BindingOptions):
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+OPTIONS_BY_KIND: dict[str, type[BindingOptions]] = {
+    "azure": AzureOptions,
+    "openai": OpenAIOptions,
+    "gguf": GGUFOptions,
+    "hf": HFOptions,
+}
+
+FORMS = (
+    "azure:<deployment>",
+    "openai:<model>[?base_url=URL&api_key_env=VAR]",
+    "gguf:<alias|path>[?lora=PATH&n_ctx=N&n_threads=N]  (aliases: smollm2-135m, gemma3-270m)",
+    "hf:<path>",
+)
+
+
+@dataclass(frozen=True)
+class Binding:
+    kind: str
+    target: str
+    options: BindingOptions = field(compare=False)
+    raw_options: tuple[tuple[str, str], ...] = ()
+
+    def canonical(self) -> str:
+        """The binding with its explicit options, sorted: the key of the backend cache."""
+        query = urlencode(sorted(self.raw_options), safe="/:.-_")
+        return f"{self.kind}:{self.target}" + (f"?{query}" if query else "")
+
+    @property
+    def name(self) -> str:
+        """The binding without options: what the capture store and reports show."""
+        return f"{self.kind}:{self.target}"
+
+    def __str__(self) -> str:
+        return self.canonical()
+
+
+def register_kind(kind: str, options: type[BindingOptions] = BindingOptions) -> None:
+    """Make a new binding kind parseable (tests register `scripted` this way)."""
+    OPTIONS_BY_KIND[kind] = options
+
+
+def parse_binding(text: str, config_options: dict[str, dict[str, Any]] | None = None) -> Binding:
+    """Parse `kind:target?opt=val`, merging options from config (inline ones win).
+
+    >>> parse_binding("gguf:smollm2-135m?n_ctx=2048").options.n_ctx
+    2048
+    """
+    if not isinstance(text, str) or ":" not in text.strip():
+        raise BindingError(_unknown(text))
+    body, _, query = text.strip().partition("?")
+    kind, _, target = body.partition(":")
+    if kind not in OPTIONS_BY_KIND or not target:
+        raise BindingError(_unknown(text))
+    inline = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    merged = {**(config_options or {}).get(body, {}), **inline}
+    try:
+        options = OPTIONS_BY_KIND[kind](**merged)
+    except ValidationError as exc:
+        raise BindingError(_bad_options(text, kind, exc)) from None
+    raw = tuple(sorted((k, str(v)) for k, v in merged.items()))
+    return Binding(kind=kind, target=target, options=options, raw_options=raw)
+
+
+def _unknown(text: object) -> str:
+    forms = "\n  ".join(FORMS)
+    return f"unknown binding {text!r}; a binding is one of:\n  {forms}"
+
+
+def _bad_options(text: str, kind: str, exc: ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    valid = ", ".join(OPTIONS_BY_KIND[kind].model_fields)
+    return f"bad options in binding {text!r} ({problems}); options for {kind}: {valid}"
+
+
+def quote_path(path: str) -> str:
+    return quote(path, safe="/:.-_")

@@ -1,0 +1,126 @@
+"""The `slmswap` command line: each command parses, calls one function, prints.
+
+Heavy libraries (llama_cpp, torch, langgraph) are imported inside commands, so `--help` is instant.
+Exit codes: 0 ok, 1 failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.errors import SlmSwapError, UsageError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="slm-swap: move LLM calls of agent workflows to small local models.")
+calls_app = typer.Typer(no_args_is_help=True, help="Inspect captured model calls.")
+app.add_typer(calls_app, name="calls")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="slmswap.toml to read (default: $SLMSWAP_CONFIG or ./slmswap.toml).")
+
+
+def main() -> None:
+    """Console-script entry point: SlmSwapError becomes a one-line message and its exit code, no traceback."""
+    try:
+        app()
+    except SlmSwapError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        sys.exit(exc.exit_code)
+
+
+@app.command()
+def run(
+    query: str = typer.Argument(..., help="What to ask the workflow."),
+    config: str | None = ConfigOpt,
+    binding: str | None = typer.Option(None, "--binding", "-b", help="Bind every route to this binding, e.g. gguf:gemma3-270m."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, plan, calls, run_id)."),
+) -> None:
+    """Run the workflow once on QUERY and print the answer and the model calls it made.
+
+    Example: slmswap run "Analyze Q4 sales by region and write a short report"
+    """
+    if not query.strip():
+        raise UsageError("the query is empty; pass a question, e.g. slmswap run \"Top 5 products by revenue\"")
+    from graphs.runner import run_workflow  # the CLI is the composition root: the one place app reaches up
+
+    result = run_workflow(query, config_path=config, binding=binding, progress=None if as_json else err)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        print_run(result)
+
+
+def print_run(result: dict[str, Any]) -> None:
+    out.print(result["answer"], markup=False, highlight=False)
+    table = Table(title=f"calls of run {result['run_id']}")
+    for column in ("agent", "binding", "template id", "latency ms", "tokens", "valid"):
+        table.add_column(column, justify="right" if column in ("latency ms", "tokens") else "left")
+    for c in result["calls"]:
+        table.add_row(c["agent"], c["binding"], c["template_id"] or "-", f"{c['latency_ms']:.0f}", str(c["tokens"]),
+                      "yes" if c["valid"] else f"no ({c['error_type']})")
+    out.print(table)
+
+
+@calls_app.command("list")
+def calls_list(
+    agent: str | None = typer.Option(None, "--agent", help="Only this agent's calls."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many, newest first."),
+    config: str | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List captured calls, newest first. Example: slmswap calls list --agent retrieval --limit 5"""
+    from graphs.runner import call_summary
+
+    rows = _store(config).list_calls(agent=agent, limit=limit)
+    if as_json:
+        out.print_json(json.dumps([call_summary(c) for c in rows], default=str))
+        return
+    table = Table()
+    for column in ("id", "created", "agent", "binding", "template", "ms", "tokens", "valid"):
+        table.add_column(column)
+    for c in rows:
+        s = call_summary(c)
+        table.add_row(c.id[:12], c.created_at.strftime("%Y-%m-%d %H:%M:%S"), s["agent"], s["binding"],
+                      s["template_id"] or "-", f"{s['latency_ms']:.0f}", str(s["tokens"]),
+                      "yes" if c.valid else f"no ({c.error_type})")
+    out.print(table)
+
+
+@calls_app.command("show")
+def calls_show(call_id: str = typer.Argument(..., help="A call id or a unique prefix of one."),
+               config: str | None = ConfigOpt) -> None:
+    """Show one captured call in full (request, response, verdict) as JSON. Example: slmswap calls show 3f9a"""
+    from dataclasses import asdict
+
+    out.print_json(json.dumps(asdict(_store(config).get_call(call_id)), default=str))
+
+
+@calls_app.command("stats")
+def calls_stats(config: str | None = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per agent: calls, valid %, p50 latency. Example: slmswap calls stats"""
+    from dataclasses import asdict
+
+    stats = _store(config).stats()
+    if as_json:
+        out.print_json(json.dumps([asdict(s) for s in stats]))
+        return
+    table = Table()
+    for column in ("agent", "calls", "valid %", "p50 ms"):
+        table.add_column(column)
+    for s in stats:
+        table.add_row(s.agent or "-", str(s.calls), f"{100 * s.valid_rate:.1f}", f"{s.p50_latency_ms:.0f}")
+    out.print(table)
+
+
+def _store(config: str | None):
+    from app.capture.store import CaptureStore
+    from app.config import load_settings
+
+    return CaptureStore.open(load_settings(config).store.url)

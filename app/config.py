@@ -1,0 +1,181 @@
+"""Settings: `slmswap.toml` (optional) plus environment variables, read once by pydantic-settings.
+
+Where the file comes from: `--config PATH`, else `$SLMSWAP_CONFIG`, else `./slmswap.toml` if it exists, else none.
+Environment variables override the file: `SLMSWAP_STORE__URL`, `SLMSWAP_DEFAULT_BINDING`, ... (`__` nests).
+With no file at all every route is bound to `gguf:smollm2-135m` and the store is `.slmswap/slmswap.db`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.bindings import Binding, parse_binding
+from app.errors import ConfigError
+
+DEFAULT_BINDING = "gguf:smollm2-135m"
+DEFAULT_FILE = "slmswap.toml"
+Stage = Literal["teacher", "shadow", "canary", "half", "student"]
+
+
+class Section(BaseModel):
+    # Files a user writes forbid unknown keys, so a typo is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(Section):
+    url: str = "sqlite:///.slmswap/slmswap.db"
+
+
+class RouteConfig(Section):
+    """A route: the teacher (the LLM) and, once rolled out, a student with a rollout stage."""
+
+    teacher: str | None = None
+    student: str | None = None
+    stage: Stage = "teacher"
+
+
+class WorkflowConfig(Section):
+    max_tool_turns: int = Field(4, ge=1, le=20)
+    max_retries: int = Field(1, ge=0, le=5)
+    max_tokens: int = Field(256, ge=16)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    data_db: str = ".slmswap/sales.db"
+
+
+class LangfuseConfig(Section):
+    public_key: str | None = None
+    secret_key: str | None = None
+    host: str | None = None
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Hands pydantic-settings the already-parsed TOML, below the environment in priority."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMSWAP_", env_nested_delimiter="__", extra="forbid")
+
+    default_binding: str = DEFAULT_BINDING
+    store: StoreConfig = StoreConfig()
+    routes: dict[str, RouteConfig] = {}
+    bindings: dict[str, dict[str, Any]] = {}
+    workflow: WorkflowConfig = WorkflowConfig()
+    langfuse: LangfuseConfig = LangfuseConfig()
+    # Where the settings came from (None: defaults and environment only). Not a key users set.
+    source: str | None = None
+
+    _file_data: dict[str, Any] = {}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, _FileSource(settings_cls, cls._file_data))
+
+    @field_validator("default_binding")
+    @classmethod
+    def _binding_parses(cls, value: str) -> str:
+        parse_binding(value)
+        return value
+
+    def route(self, name: str) -> RouteConfig:
+        """The route's config; a route not in the file is bound to the default binding."""
+        route = self.routes.get(name) or RouteConfig()
+        return route if route.teacher else route.model_copy(update={"teacher": self.default_binding})
+
+    def binding(self, text: str) -> Binding:
+        """Parse a binding string with options from this config's `[bindings]` table."""
+        return parse_binding(text, self.bindings)
+
+    def bound_to(self, binding: str) -> "Settings":
+        """A copy with every route's teacher bound to `binding` (the CLI's --binding)."""
+        self.binding(binding)
+        routes = {name: r.model_copy(update={"teacher": binding}) for name, r in self.routes.items()}
+        return self.model_copy(update={"default_binding": binding, "routes": routes})
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path | None:
+    """Which config file applies: the explicit one, $SLMSWAP_CONFIG, or ./slmswap.toml when present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("SLMSWAP_CONFIG"):
+        return Path(os.environ["SLMSWAP_CONFIG"])
+    default = Path(DEFAULT_FILE)
+    return default if default.exists() else None
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Read the config once: the file (if any) under the environment. Errors name the file and line."""
+    file = config_path(path)
+    data = _read_toml(file) if file else {}
+    Settings._file_data = data
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, file)) from None
+    finally:
+        Settings._file_data = {}
+    for name, route in settings.routes.items():
+        for binding in (route.teacher, route.student):
+            if binding:
+                _check_binding(settings, binding, file, f"routes.{name}")
+    settings.source = str(file) if file else None
+    return settings
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist; create it (see slmswap.example.toml) or drop --config") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: {exc}; fix the TOML syntax there") from None
+
+
+def _check_binding(settings: Settings, binding: str, file: Path | None, where: str) -> None:
+    try:
+        settings.binding(binding)
+    except ConfigError:
+        raise
+    except Exception as exc:  # BindingError: add where it was written
+        raise ConfigError(f"{_where(file, where.split('.')[-1])}{where}: {exc}") from None
+
+
+def _explain(exc: ValidationError, file: Path | None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        key = str(err["loc"][-1]) if err["loc"] else ""
+        hint = "unknown key (check its spelling; see slmswap.example.toml)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{_where(file, key)}{loc}: {hint}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _where(file: Path | None, key: str) -> str:
+    """`file:line: ` for the first line that sets `key`, or `environment: ` when no file holds it."""
+    if file is None or not key:
+        return "environment: " if file is None else f"{file}: "
+    pattern = re.compile(rf'^\s*("?{re.escape(key)}"?\s*=|\[.*\b{re.escape(key)}\b.*\])')
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if pattern.search(line):
+            return f"{file}:{number}: "
+    return f"{file}: "

@@ -1,0 +1,55 @@
+"""The errors slm-swap raises on purpose. Each message says what happened and what to do.
+
+    SlmSwapError                 base; the CLI prints it without a traceback
+     ├── UsageError              bad input from the user: CLI exit 2, HTTP 400
+     │    ├── ConfigError        config file or environment does not parse or validate
+     │    └── BindingError       a binding string or its options are malformed or unknown
+     ├── MissingDependency       a package, key or file a binding needs is absent (names the fix)
+     ├── BackendError            a model backend failed while answering (HTTP 502)
+     ├── StoreError              the capture store cannot be opened or written
+     └── ToolError               a tool was given bad arguments; returned to the model, never raised past the loop
+"""
+
+from __future__ import annotations
+
+
+class SlmSwapError(Exception):
+    """Base of every error slm-swap raises on purpose."""
+
+    exit_code = 1
+    http_status = 500
+    error_type = "server_error"
+
+
+class UsageError(SlmSwapError):
+    exit_code = 2
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ConfigError(UsageError):
+    pass
+
+
+class BindingError(UsageError):
+    pass
+
+
+class MissingDependency(SlmSwapError):
+    exit_code = 2
+    http_status = 500
+    error_type = "missing_dependency"
+
+
+class BackendError(SlmSwapError):
+    http_status = 502
+    error_type = "backend_error"
+
+
+class StoreError(SlmSwapError):
+    error_type = "store_error"
+
+
+class ToolError(SlmSwapError):
+    exit_code = 2
+    error_type = "tool_error"

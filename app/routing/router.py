@@ -1,0 +1,160 @@
+"""The Router: every model call in the system goes through here, from a graph node or from the proxy.
+
+It picks the binding for the request's route, calls that backend, validates the output against the request's
+tools / response_format, prices the call, and captures it (durably, before returning).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from app.backends.base import BACKENDS, BackendCache
+from app.bindings import Binding
+from app.capture.records import CallRecord, request_payload, response_payload
+from app.config import Settings
+from app.cost import cost_usd
+from app.errors import SlmSwapError
+from app.routing.routes import Route, build_route, pick_binding
+from app.validation import Verdict, validate_output
+from app.wire import (
+    AssistantMessage,
+    CallInfo,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ToolCall,
+    Usage,
+)
+
+
+class Router:
+    def __init__(self, settings: Settings, store: Any | None = None, backends: BackendCache = BACKENDS):
+        self.settings = settings
+        self.store = store  # a CaptureStore, or None to capture nothing
+        self.backends = backends
+        self._routes: dict[str, Route] = {}
+
+    def route(self, name: str) -> Route:
+        if name not in self._routes:
+            self._routes[name] = build_route(self.settings, name)
+        return self._routes[name]
+
+    async def complete(self, req: ChatRequest) -> ChatResponse:
+        """Answer one chat request on its route's binding; the response carries `slmswap` call info."""
+        route = self.route(req.model)
+        binding = pick_binding(route)
+        started = time.perf_counter()
+        try:
+            resp = await self.backends.get(binding).complete(req)
+        except Exception as exc:
+            await self._capture_failure(req, route, binding, started, exc)
+            raise
+        latency_ms = (time.perf_counter() - started) * 1000
+        info = await self._finish(req, route, binding, resp, latency_ms)
+        resp.model, resp.slmswap = binding.name, info
+        return resp
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Stream one chat request; the last chunk carries usage and the `slmswap` call info."""
+        route = self.route(req.model)
+        binding = pick_binding(route)
+        started = time.perf_counter()
+        acc = _StreamAccumulator()
+        try:
+            async for chunk in self.backends.get(binding).stream(req):
+                acc.add(chunk)
+                chunk.model = binding.name
+                yield chunk
+        except Exception as exc:
+            await self._capture_failure(req, route, binding, started, exc)
+            raise
+        latency_ms = (time.perf_counter() - started) * 1000
+        info = await self._finish(req, route, binding, acc.response(), latency_ms)
+        yield ChatChunk(id=acc.id or "chatcmpl-" + uuid.uuid4().hex, model=binding.name,
+                        choices=[ChunkChoice(delta=DeltaMessage(), finish_reason=None)], usage=acc.usage, slmswap=info)
+
+    async def _finish(self, req: ChatRequest, route: Route, binding: Binding, resp: ChatResponse,
+                      latency_ms: float) -> CallInfo:
+        message, finish_reason, usage = resp.message, resp.choices[0].finish_reason, resp.usage
+        tool_calls = [tc.model_dump() for tc in message.tool_calls or []]
+        verdict = validate_output(
+            content=message.content, tool_calls=tool_calls or None, tools=req.tool_dicts() or None,
+            tool_choice=req.tool_choice, response_format=req.response_format,
+            parallel_tool_calls=req.parallel_tool_calls,
+        )
+        if finish_reason == "length" and verdict.valid and (req.tools or req.response_format):
+            verdict = Verdict(False, "invalid_json", "output cut at max_tokens", (), None)
+        info = CallInfo(
+            call_id=uuid.uuid4().hex, route=route.name, binding=binding.name, template_id=req.meta("template_id"),
+            valid=verdict.valid, error_type=verdict.error_type, error_detail=verdict.detail, latency_ms=latency_ms,
+            cost_usd=cost_usd(binding, usage.prompt_tokens, usage.completion_tokens),
+        )
+        teacher_cost = cost_usd(route.teacher, usage.prompt_tokens, usage.completion_tokens)
+        await self._capture(req, info, response_payload(resp), usage, teacher_cost)
+        return info
+
+    async def _capture_failure(self, req, route: Route, binding: Binding, started: float, exc: Exception) -> None:
+        detail = str(exc) if isinstance(exc, SlmSwapError) else f"{type(exc).__name__}: {exc}"
+        info = CallInfo(call_id=uuid.uuid4().hex, route=route.name, binding=binding.name,
+                        template_id=req.meta("template_id"), valid=False, error_type="backend_error",
+                        error_detail=detail[:2000], latency_ms=(time.perf_counter() - started) * 1000)
+        await self._capture(req, info, None, Usage(), 0.0)
+
+    async def _capture(self, req: ChatRequest, info: CallInfo, response: dict | None, usage: Usage,
+                       teacher_cost: float) -> None:
+        if self.store is None:
+            return
+        await self.store.arecord(CallRecord(
+            id=info.call_id, run_id=req.meta("run_id"), route=info.route, agent=req.meta("agent") or info.route,
+            binding=info.binding, template_id=info.template_id, source=req.meta("source") or "graph",
+            request=request_payload(req), response=response, valid=info.valid, error_type=info.error_type,
+            error_detail=info.error_detail, latency_ms=info.latency_ms, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, cost_usd=info.cost_usd, teacher_cost_usd=teacher_cost,
+            created_at=datetime.now(timezone.utc),
+        ))
+
+
+
+class _StreamAccumulator:
+    """Rebuilds the whole assistant message from stream chunks, to validate and capture it."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.text: list[str] = []
+        self.calls: dict[int, dict] = {}
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.id = self.id or chunk.id
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices:
+            self.finish_reason = choice.finish_reason or self.finish_reason
+            if choice.delta.content:
+                self.text.append(choice.delta.content)
+            for delta in choice.delta.tool_calls or []:
+                self._add_call(delta)
+
+    def _add_call(self, delta: dict) -> None:
+        call = self.calls.setdefault(delta.get("index", 0), {"id": None, "name": "", "arguments": ""})
+        call["id"] = call["id"] or delta.get("id")
+        fn = delta.get("function") or {}
+        call["name"] += fn.get("name") or ""
+        call["arguments"] += fn.get("arguments") or ""
+
+    def response(self) -> ChatResponse:
+        return ChatResponse(choices=[Choice(message=self.message(), finish_reason=self.finish_reason)], usage=self.usage)
+
+    def message(self) -> AssistantMessage:
+        calls = [ToolCall(**({"id": c["id"]} if c["id"] else {}), function={"name": c["name"], "arguments": c["arguments"]})
+                 for _, c in sorted(self.calls.items())]
+        return AssistantMessage(content="".join(self.text) or None, tool_calls=calls or None)
+

@@ -1,0 +1,54 @@
+"""Runs the workflow once for the CLI: open the services, invoke the graph, close the run, summarise its calls."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.config import load_settings
+from app.observability import flush, run_callbacks
+from app.services import Services
+from graphs.state import WorkflowContext
+
+
+def run_workflow(query: str, config_path: str | None = None, binding: str | None = None,
+                 progress: Any = None) -> dict[str, Any]:
+    """Run the graph on `query`; returns `{answer, plan, results, calls, run_id}`. Ctrl-C marks the run interrupted."""
+    settings = load_settings(config_path)
+    if binding:
+        settings = settings.bound_to(binding)
+    services = Services.from_settings(settings)  # the store opens (or fails) before any model loads
+    run_id = services.store.start_run(query)
+    try:
+        state = _invoke(query, services, run_id, progress)
+    except KeyboardInterrupt:
+        services.store.finish_run(run_id, "interrupted", error="interrupted by the user")
+        raise
+    except BaseException as exc:
+        services.store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        flush()
+    calls = [call_summary(c) for c in services.store.calls_for_run(run_id)]
+    services.close()
+    return {"answer": state["answer"], "plan": state["plan"], "results": state.get("results", {}),
+            "calls": calls, "run_id": run_id}
+
+
+def _invoke(query: str, services: Services, run_id: str, progress: Any) -> dict[str, Any]:
+    from graphs.workflow import graph
+
+    config = {"callbacks": run_callbacks(services.settings), "run_name": "slmswap run",
+              "metadata": {"run_id": run_id}}
+    context = WorkflowContext(services=services, run_id=run_id)
+    if progress is None:
+        return asyncio.run(graph.ainvoke({"query": query}, config, context=context))
+    with progress.status("running the workflow on " + services.settings.default_binding):
+        return asyncio.run(graph.ainvoke({"query": query}, config, context=context))
+
+
+def call_summary(c) -> dict[str, Any]:
+    """One captured call as the CLI shows it."""
+    return {"id": c.id, "agent": c.agent or c.route, "binding": c.binding, "template_id": c.template_id,
+            "latency_ms": round(c.latency_ms, 1), "tokens": c.prompt_tokens + c.completion_tokens,
+            "valid": c.valid, "error_type": c.error_type, "cost_usd": c.cost_usd}
