@@ -21,6 +21,7 @@ class LoopOutcome:
     output: str
     error: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[str] = field(default_factory=list)  # full outputs of formatting tools, for the user
 
 
 async def run_tool_loop(model: Any, messages: list[BaseMessage], tools: list, ctx: ToolContext,
@@ -28,28 +29,31 @@ async def run_tool_loop(model: Any, messages: list[BaseMessage], tools: list, ct
     """Run up to `max_turns` model turns; `messages` is extended in place with the conversation."""
     schemas = [t.openai_schema() for t in tools]
     calls: list[dict[str, Any]] = []
+    artifacts: list[str] = []
     last_error: str | None = None
     for _ in range(max_turns):
         ai = await model.bind_tools(schemas, tool_choice="auto").ainvoke(messages)
         messages.append(ai)
         if problem := invalid_output(ai):
-            return LoopOutcome(False, _text(ai), problem, calls)
+            return LoopOutcome(False, _text(ai), problem, calls, artifacts)
         if not ai.tool_calls:
-            return LoopOutcome(last_error is None, _text(ai), last_error, calls)
+            return LoopOutcome(last_error is None, _text(ai), last_error, calls, artifacts)
         for call in ai.tool_calls:
             result = await _execute(tools, call, ctx)
             calls.append({"name": call["name"], "args": call["args"], "ok": result.ok})
             messages.append(ToolMessage(result.content, tool_call_id=call["id"], name=call["name"]))
             last_error = None if result.ok else result.content
-    return await _final_answer(model, messages, schemas, calls, last_error)
+            if result.ok and result.artifact:
+                artifacts.append(result.artifact)
+    return await _final_answer(model, messages, schemas, calls, artifacts, last_error)
 
 
-async def _final_answer(model, messages, schemas, calls, last_error) -> LoopOutcome:
+async def _final_answer(model, messages, schemas, calls, artifacts, last_error) -> LoopOutcome:
     """Turns are used up: ask once more for a plain answer, with tools off."""
     ai = await model.bind_tools(schemas, tool_choice="none").ainvoke(messages)
     messages.append(ai)
     problem = invalid_output(ai)
-    return LoopOutcome(problem is None and last_error is None, _text(ai), problem or last_error, calls)
+    return LoopOutcome(problem is None and last_error is None, _text(ai), problem or last_error, calls, artifacts)
 
 
 async def _execute(tools: list, call: dict, ctx: ToolContext):

@@ -38,8 +38,9 @@ def results_text(results: list[dict[str, Any]]) -> str:
 def compose_answer(summary: str, results: list[dict[str, Any]], plan_note: str | None) -> str:
     """Summary first; then what formatting produced; then every failure, so none goes unreported."""
     parts = [summary.strip() or "No summary was produced."]
-    formatted = [r["output"].strip() for r in results if r["agent"] == "formatting" and r["ok"] and r["output"]]
-    parts += formatted
+    for r in results:
+        if r["agent"] == "formatting" and r["ok"]:
+            parts += r.get("artifacts") or ([r["output"].strip()] if r["output"] else [])
     failures = [r for r in results if not r["ok"]]
     if failures:
         parts.append("Not completed:\n" + "\n".join(

@@ -12,8 +12,9 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from agents.loop import run_tool_loop
+from agents.loop import LoopOutcome, run_tool_loop
 from agents.tools import TOOLS_BY_AGENT, ToolContext, ensure_sales_db
+from app.errors import BackendError
 
 PREVIEW_ROWS = 3
 
@@ -30,13 +31,17 @@ async def run_subagent(payload: dict[str, Any], services: Any) -> dict[str, Any]
     attempts, outcome = 0, None
     while attempts <= wf.max_retries:
         attempts += 1
-        outcome = await run_tool_loop(model, messages, TOOLS_BY_AGENT[agent], ctx, wf.max_tool_turns)
+        try:
+            outcome = await run_tool_loop(model, messages, TOOLS_BY_AGENT[agent], ctx, wf.max_tool_turns)
+        except BackendError as exc:  # the model server failed: this task fails, the run goes on and reports it
+            outcome = LoopOutcome(False, "", str(exc))
         if outcome.ok:
             break
         messages.append(HumanMessage(f"That attempt failed: {outcome.error}\nFix the problem and try again."))
     new = {f"{tid}.{name}": rows for name, rows in ctx.datasets.items() if name not in known}
     result = {"task_id": tid, "agent": agent, "task": payload["task"], "ok": outcome.ok, "output": outcome.output,
               "error": outcome.error, "attempts": attempts, "tool_calls": outcome.tool_calls,
+              "artifacts": outcome.artifacts,
               "datasets": sorted(new), "template_id": template["id"]}
     return {"results": {tid: result}, "datasets": new}
 
