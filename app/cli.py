@@ -22,6 +22,8 @@ app.add_typer(calls_app, name="calls")
 
 out = Console()
 err = Console(stderr=True)
+if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    out.width = 200
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="slmswap.toml to read (default: $SLMSWAP_CONFIG or ./slmswap.toml).")
 

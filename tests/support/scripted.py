@@ -3,11 +3,13 @@
     script = scripted("planner")                     # binding "scripted:planner"
     script.enqueue("plain text", tool("run_sql", query="SELECT 1"), RuntimeError("boom"))
 
-Each call pops the next reply; with the queue empty it answers `default` (a callable of the request, or text).
+Each call pops the next reply; with the queue empty it answers `default` (text, or a callable of the request that
+may return an awaitable, to make a test's model wait).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections import deque
@@ -59,6 +61,8 @@ class ScriptedBackend:
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
         reply = scripted(self.binding.target).next(req)
+        if inspect.isawaitable(reply):
+            reply = await reply
         if isinstance(reply, BaseException):
             raise reply
         return to_response(reply)

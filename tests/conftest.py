@@ -1,0 +1,30 @@
+"""Shared fixtures: every test runs in its own working directory with no slm-swap or Langfuse variables set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support import scripted as scripted_support
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """A fresh cwd (so `.slmswap/` and `slmswap.toml` are the test's own) and a clean environment."""
+    for name in list(os.environ):
+        if name.startswith(("SLMSWAP_", "LANGFUSE_", "AZURE_OPENAI_", "OPENAI_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+@pytest.fixture
+def scripted():
+    """`scripted("name")` gives the script behind binding `scripted:name`; scripts are reset after the test."""
+    scripted_support.reset()
+    yield scripted_support.scripted
+    scripted_support.reset()

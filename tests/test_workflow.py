@@ -1,0 +1,146 @@
+"""The real graph and tools on a real store; scripted backends force each agent's words."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from app.config import load_settings
+from app.services import Services
+from graphs.state import WorkflowContext
+from graphs.workflow import graph
+from tests.support.scripted import tool
+
+AGENTS = ("orchestrator", "retrieval", "processing", "validation", "formatting", "aggregate")
+
+
+@pytest.fixture
+def services():
+    lines = [f'[routes.{a}]\nteacher = "scripted:{a}"' for a in AGENTS]
+    Path("slmswap.toml").write_text("\n".join(lines) + "\n[workflow]\nmax_retries = 1\nmax_tool_turns = 3\n")
+    s = Services.from_settings(load_settings())
+    yield s
+    s.close()
+
+
+def plan(*steps):
+    agents = list(dict.fromkeys(a for step in steps for a in step))
+    return json.dumps({"sub_agents": agents, "parallel": False, "aggregation_strategy": "report",
+                       "steps": [{"tasks": [{"agent": a, "task": f"do {a}"} for a in step]} for step in steps]})
+
+
+def run(services, query="Analyze Q4 sales by region"):
+    run_id = services.store.start_run(query)
+    state = asyncio.run(graph.ainvoke({"query": query}, context=WorkflowContext(services=services, run_id=run_id)))
+    return state, run_id
+
+
+def test_plan_steps_tools_and_answer(services, scripted):
+    scripted("orchestrator").enqueue(plan(["retrieval"], ["processing", "validation"], ["formatting"]))
+    scripted("retrieval").enqueue(
+        tool("run_sql", query="SELECT region, SUM(amount) AS total FROM sales GROUP BY region", as_name="by_region"),
+        "fetched by_region")
+    scripted("processing").default = "processed"
+    scripted("validation").default = "checked"
+    ds = {}
+
+    def formatting(req):
+        # The formatting agent sees the dataset retrieval made in an earlier step.
+        ds["prompt"] = req.messages[1].content
+        name = next(w for w in req.messages[1].content.replace(":", " ").split() if w.endswith(".by_region"))
+        return [tool("markdown_table", dataset=name)] if len(req.messages) == 2 else "table done"
+
+    scripted("formatting").default = formatting
+    scripted("aggregate").enqueue("Sales by region are in the table.")
+    state, run_id = run(services)
+
+    assert state["plan"]["sub_agents"] == ["retrieval", "processing", "validation", "formatting"]
+    assert state["plan"]["parallel"] is True
+    results = state["results"]
+    assert {r["agent"] for r in results.values()} == {"retrieval", "processing", "validation", "formatting"}
+    assert all(r["ok"] for r in results.values())
+    assert "| region" in state["answer"] and state["answer"].startswith("Sales by region")
+    calls = services.store.calls_for_run(run_id)
+    # one row per model call: plan, retrieval x2, processing, validation, formatting x2, aggregate
+    assert len(calls) == 8
+    assert {c.agent for c in calls} == set(AGENTS)
+    assert all(c.template_id == f"{c.agent}/base@1" for c in calls)
+    assert services.store.get_run(run_id).status == "ok"
+
+
+def test_parallel_tasks_of_a_step_run_concurrently(services, scripted):
+    scripted("orchestrator").enqueue(plan(["processing", "validation"]))
+    started = []
+
+    def slow(name):
+        async def wait_for_sibling():
+            # Each task's model waits until the other task has started: run one after the other, both time out.
+            started.append(name)
+            for _ in range(500):
+                if len(started) == 2:
+                    return f"{name} done"
+                await asyncio.sleep(0.01)
+            raise TimeoutError(f"{name} ran alone")
+
+        return lambda req: wait_for_sibling()
+
+    scripted("processing").default = slow("processing")
+    scripted("validation").default = slow("validation")
+    state, _ = run(services)
+    assert sorted(started) == ["processing", "validation"]
+    assert len(state["results"]) == 2 and all(r["ok"] for r in state["results"].values())
+
+
+def test_tool_error_is_fed_back_and_the_loop_goes_on(services, scripted):
+    scripted("orchestrator").enqueue(plan(["retrieval"]))
+    scripted("retrieval").enqueue(tool("run_sql", query="DELETE FROM orders"), tool("run_sql", query="SELECT 1 AS one"), "done")
+    state, _ = run(services)
+    [result] = state["results"].values()
+    assert result["ok"] and result["attempts"] == 1
+    assert [c["ok"] for c in result["tool_calls"]] == [False, True]
+    req = scripted("retrieval").requests[1]
+    assert "error" in req.messages[-1].text().lower()
+
+
+def test_failed_subagent_is_retried_then_reported(services, scripted):
+    scripted("orchestrator").enqueue(plan(["retrieval"]))
+    scripted("retrieval").default = tool("no_such_tool")  # invalid every time
+    state, run_id = run(services)
+    [result] = state["results"].values()
+    assert not result["ok"] and result["attempts"] == 2
+    assert "unknown_function" in result["error"]
+    assert "Not completed" in state["answer"] and "retrieval" in state["answer"]
+    retry_prompt = scripted("retrieval").requests[1].messages[-1].text()
+    assert "failed" in retry_prompt and "unknown_function" in retry_prompt
+
+
+def test_unusable_plan_falls_back_to_default_plan(services, scripted):
+    scripted("orchestrator").enqueue("I think we should look at the data")
+    state, run_id = run(services)
+    assert [s["tasks"][0]["agent"] for s in state["plan"]["steps"]] == ["retrieval", "processing", "validation", "formatting"]
+    assert "default plan" in state["answer"]
+    [plan_call] = [c for c in services.store.calls_for_run(run_id) if c.agent == "orchestrator"]
+    assert not plan_call.valid
+
+
+def test_prompt_node_uses_the_stores_active_template(services, scripted):
+    from app.capture.records import TemplateRecord
+
+    services.store.upsert_template(TemplateRecord(id="retrieval/manual@2", agent="retrieval", version=2,
+                                                  text="Custom retrieval prompt", origin="manual", active=True))
+    scripted("orchestrator").enqueue(plan(["retrieval"]))
+    state, run_id = run(services)
+    assert state["templates"]["retrieval"] == {"id": "retrieval/manual@2", "text": "Custom retrieval prompt"}
+    assert scripted("retrieval").requests[0].messages[0].content == "Custom retrieval prompt"
+    assert state["templates"]["processing"]["id"] == "processing/base@1"
+
+
+def test_backend_error_fails_the_task_not_the_run(services, scripted):
+    from app.errors import BackendError
+
+    scripted("orchestrator").enqueue(plan(["retrieval"], ["formatting"]))
+    scripted("retrieval").default = BackendError("azure:gpt-4o failed (HTTP 503): overloaded")
+    state, run_id = run(services)
+    assert not state["results"]["s0.0.retrieval"]["ok"]
+    assert "HTTP 503" in state["answer"] and state["results"]["s1.0.formatting"]["ok"]
