@@ -7,7 +7,9 @@ built on first use, so a missing variable is reported when a route actually need
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,12 +24,16 @@ NOT_FORWARDED = {"model", "metadata", "decoding", "stream"}
 class OpenAICompatBackend:
     def __init__(self, binding: Binding):
         self.binding = binding
-        self._client: Any = None
+        # One client per event loop: an async client's connection pool belongs to the loop that opened it, and
+        # this backend outlives loops (Studio's workers, sync callers that run a private loop per call).
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
     def client(self) -> Any:
-        if self._client is None:
-            self._client = _azure_client(self.binding) if self.binding.kind == "azure" else _openai_client(self.binding)
-        return self._client
+        loop = asyncio.get_running_loop()
+        if loop not in self._clients:
+            make = _azure_client if self.binding.kind == "azure" else _openai_client
+            self._clients[loop] = make(self.binding)
+        return self._clients[loop]
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
         import openai
