@@ -1,0 +1,127 @@
+"""Append-only schema migrations for the capture store, applied by `migrate(engine)` on every open.
+
+Each step is `mNNN_name(conn)`, runs in its own transaction and is recorded by name in `_migrations`. Steps
+are frozen history: they never import `schema.py` (which describes the present), they are never edited once
+released, and a retired step stays in the list as a no-op so that numbers never shift. Only portable DDL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import (JSON, Boolean, Column, Connection, DateTime, Engine, Float, Index, Integer, MetaData,
+                        String, Table, inspect, select)
+
+from app.capture.engine import write_transaction
+
+Migration = Callable[[Connection], None]
+MIGRATIONS: list[Migration] = []
+migration = MIGRATIONS.append
+
+_ledger = Table(
+    "_migrations",
+    MetaData(),
+    Column("name", String, primary_key=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def migrate(engine: Engine, stop_before: str | None = None) -> list[str]:
+    """Apply the steps this database lacks, in order; returns their names (empty when up to date).
+
+    `stop_before` names a step not to apply, nor any after it (tests use it to build an old schema).
+    """
+    if not pending(engine):
+        return []
+    applied = []
+    for step in MIGRATIONS:
+        if step.__name__ == stop_before:
+            break
+        # One transaction per step, holding the write lock, so two processes opening at once cannot both apply it.
+        with write_transaction(engine) as conn:
+            _ledger.create(conn, checkfirst=True)
+            if conn.scalar(select(_ledger.c.name).where(_ledger.c.name == step.__name__)) is None:
+                step(conn)
+                conn.execute(_ledger.insert().values(name=step.__name__, applied_at=datetime.now(UTC)))
+                applied.append(step.__name__)
+    return applied
+
+
+def pending(engine: Engine) -> list[str]:
+    """Names of the steps not yet applied to this database."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(_ledger.name):
+            return [step.__name__ for step in MIGRATIONS]
+        done = set(conn.scalars(select(_ledger.c.name)))
+    return [step.__name__ for step in MIGRATIONS if step.__name__ not in done]
+
+
+def _create_table(conn: Connection, name: str, *items) -> None:
+    Table(name, MetaData(), *items).create(conn)
+
+
+def _add_column(conn: Connection, table: str, column: Column) -> None:
+    Table(table, MetaData(), column)  # the DDL compiler needs the column to belong to a table
+    spec = conn.dialect.ddl_compiler(conn.dialect, None).get_column_specification(column)
+    conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.quote(table)} ADD COLUMN {spec}")
+
+
+@migration
+def m001_initial(conn: Connection) -> None:
+    _create_table(
+        conn, "calls",
+        Column("id", String, primary_key=True),
+        Column("run_id", String),
+        Column("route", String, nullable=False),
+        Column("agent", String),
+        Column("binding", String, nullable=False),
+        Column("template_id", String),
+        Column("request", JSON, nullable=False),
+        Column("response", JSON),
+        Column("valid", Boolean, nullable=False),
+        Column("error_type", String),
+        Column("error_detail", String),
+        Column("latency_ms", Float, nullable=False),
+        Column("prompt_tokens", Integer, nullable=False),
+        Column("completion_tokens", Integer, nullable=False),
+        Column("cost_usd", Float, nullable=False),
+        Column("teacher_cost_usd", Float),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_calls_agent_created_at", "agent", "created_at"),
+        Index("ix_calls_run_id", "run_id"),
+    )
+    _create_table(
+        conn, "templates",
+        Column("id", String, primary_key=True),
+        Column("agent", String, nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("parent_id", String),
+        Column("origin", String, nullable=False),
+        Column("text", String, nullable=False),
+        Column("successes", Integer, nullable=False, server_default="0"),
+        Column("failures", Integer, nullable=False, server_default="0"),
+        Column("active", Boolean, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_templates_agent", "agent"),
+    )
+
+
+@migration
+def m002_calls_source(conn: Connection) -> None:
+    # Calls recorded before the proxy existed all came from the graph.
+    _add_column(conn, "calls", Column("source", String, nullable=False, server_default="graph"))
+
+
+@migration
+def m003_runs(conn: Connection) -> None:
+    _create_table(
+        conn, "runs",
+        Column("id", String, primary_key=True),
+        Column("query", String, nullable=False),
+        Column("status", String, nullable=False),
+        Column("answer", String),
+        Column("error", String),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True)),
+    )

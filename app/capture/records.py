@@ -1,0 +1,104 @@
+"""Plain records the capture store takes and returns: one call, one run, one template, one agent's stats.
+
+`request_payload` and `response_payload` turn wire types into the JSON a call stores, so every writer (graph,
+proxy, eval) stores the same shape and dataset building reads one format.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from app.wire import ChatRequest, ChatResponse
+
+Source = Literal["graph", "proxy", "eval"]
+RunStatus = Literal["running", "ok", "failed", "interrupted"]
+Origin = Literal["base", "evolved", "manual"]
+
+# Request fields stored as themselves; everything else OpenAI accepts goes under "params".
+_REQUEST_KEYS = ("messages", "tools", "tool_choice", "response_format")
+_NOT_PARAMS = {*_REQUEST_KEYS, "model", "metadata", "stream"}
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    route: str
+    binding: str
+    request: dict[str, Any]  # messages, tools, tool_choice, response_format, params
+    response: dict[str, Any] | None  # content, tool_calls, finish_reason; None when the backend failed
+    valid: bool = True
+    id: str = field(default_factory=new_id)
+    run_id: str | None = None
+    agent: str | None = None
+    template_id: str | None = None
+    source: Source = "graph"
+    error_type: str | None = None
+    error_detail: str | None = None
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    teacher_cost_usd: float | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: str
+    query: str
+    status: RunStatus
+    started_at: datetime
+    answer: str | None = None
+    error: str | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateRecord:
+    id: str  # stable, e.g. "retrieval/base@1"
+    agent: str
+    version: int
+    text: str
+    origin: Origin = "base"
+    parent_id: str | None = None
+    successes: int = 0
+    failures: int = 0
+    active: bool = True
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    agent: str | None
+    calls: int
+    valid_rate: float
+    p50_latency_ms: float
+
+
+def request_payload(req: ChatRequest) -> dict[str, Any]:
+    """What a call stores of its request: the messages, tools and format, and the sampling params apart."""
+    data = req.model_dump(exclude_none=True)
+    payload = {key: data.get(key) for key in _REQUEST_KEYS}
+    payload["params"] = {k: v for k, v in data.items() if k not in _NOT_PARAMS}
+    return payload
+
+
+def response_payload(resp: ChatResponse) -> dict[str, Any]:
+    """What a call stores of its response: the first choice's content, tool calls and finish reason."""
+    choice = resp.choices[0]
+    calls = choice.message.tool_calls
+    return {
+        "content": choice.message.content,
+        "tool_calls": [c.model_dump(exclude_none=True) for c in calls] if calls else None,
+        "finish_reason": choice.finish_reason,
+    }

@@ -1,0 +1,94 @@
+"""Strip credentials from data before the capture store writes it.
+
+A value under a key named like a credential (api_key, Authorization, x-api-key, client_secret, password, ...)
+becomes "[redacted]", and bearer tokens and `sk-...` keys inside any string are replaced in place. Keys
+directly inside a JSON-schema "properties" mapping are parameter names, not credentials, so a tool with a
+`password` parameter keeps its schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+try:
+    import orjson
+except ImportError:  # optional: only makes the quick check below quicker
+    orjson = None
+
+REDACTED = "[redacted]"
+
+_SECRET_WORDS = ("api_key", "apikey", "authorization", "secret", "password", "passwd", "access_token",
+                 "refresh_token", "auth_token")
+# A bearer token has at least 16 token characters and a digit, so prose like "the bearer of bad news" stays.
+_SECRET_TEXT = re.compile(r"\bbearer\s+(?=[\w.~+/-]*\d)[\w.~+/-]{16,}=*|\bsk-[A-Za-z0-9_-]{16,}", re.IGNORECASE)
+# Short pieces, one of which the lowered JSON text of anything redactable must contain: each secret word holds
+# one of the last six (tests check it) and each token pattern starts with one of the first two. Few and short,
+# because each is one scan of the text; a false alarm only costs the slower walk.
+_NEEDLES = ("sk-", "bearer", "auth", "secret", "passw", "key", "access", "refresh")
+_PLAIN = {bool, int, float}
+
+
+def redact(value: Any) -> Any:
+    """`value` (dicts, lists, strings, scalars) with credentials replaced by "[redacted]"; never changes its input.
+
+    Returns `value` itself when nothing in it needs redacting.
+
+    >>> redact({"headers": {"Authorization": "Bearer abc"}, "note": "key sk-abcdefghijklmnop1234"})
+    {'headers': {'Authorization': '[redacted]'}, 'note': 'key [redacted]'}
+    """
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, (dict, list, tuple)) and _might_hold_secret(value):
+        return _walk(value, schema_properties=False)
+    return value
+
+
+def redact_text(text: str) -> str:
+    """`text` with bearer tokens and sk- keys replaced."""
+    # The regex tries every position of a long prompt; two substring checks rule most text out far sooner.
+    lowered = text.lower()
+    if "sk-" not in lowered and "bearer" not in lowered:
+        return text
+    return _SECRET_TEXT.sub(REDACTED, text)
+
+
+@lru_cache(maxsize=4096)
+def is_secret_key(key: str) -> bool:
+    lowered = key.lower().replace("-", "_")
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def _might_hold_secret(value: dict | list | tuple) -> bool:
+    """False only when no key or string in `value` can need redacting (one scan of its JSON text).
+
+    Every request passes through here, and walking the structure in Python costs several times more.
+    """
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if orjson else None
+    except TypeError:
+        text = None
+    if text is None:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    lowered = text.lower()
+    return any(needle in lowered for needle in _NEEDLES)
+
+
+def _walk(value: Any, schema_properties: bool) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _walk_item(k, v, schema_properties) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_walk(v, False) for v in value]
+    return value
+
+
+def _walk_item(key: Any, value: Any, schema_properties: bool) -> Any:
+    if value is not None and not schema_properties and isinstance(key, str) and is_secret_key(key):
+        return REDACTED
+    if type(value) in _PLAIN:
+        return value
+    return _walk(value, schema_properties=key == "properties")

@@ -1,0 +1,64 @@
+"""The capture store's tables as they are now, declared once with SQLAlchemy Core.
+
+Only portable types (String without a length is VARCHAR on PostgreSQL, TEXT on SQLite). `migrations.py` brings
+an existing database to this shape; `tests/test_migrate.py` checks that every path arrives at exactly it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table
+
+metadata = MetaData()
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("run_id", String),
+    Column("route", String, nullable=False),
+    Column("agent", String),
+    Column("binding", String, nullable=False),
+    Column("template_id", String),
+    Column("request", JSON, nullable=False),  # messages, tools, tool_choice, response_format, params
+    Column("response", JSON),  # content, tool_calls, finish_reason
+    Column("valid", Boolean, nullable=False),
+    Column("error_type", String),
+    Column("error_detail", String),
+    Column("latency_ms", Float, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("teacher_cost_usd", Float),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("source", String, nullable=False, server_default="graph"),  # graph | proxy | eval; added by m002
+    Index("ix_calls_agent_created_at", "agent", "created_at"),
+    Index("ix_calls_run_id", "run_id"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("query", String, nullable=False),
+    Column("status", String, nullable=False),  # running | ok | failed | interrupted
+    Column("answer", String),
+    Column("error", String),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+templates = Table(
+    "templates",
+    metadata,
+    Column("id", String, primary_key=True),  # stable, e.g. retrieval/base@1
+    Column("agent", String, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("parent_id", String),
+    Column("origin", String, nullable=False),  # base | evolved | manual
+    Column("text", String, nullable=False),
+    Column("successes", Integer, nullable=False, server_default="0"),
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_templates_agent", "agent"),
+)

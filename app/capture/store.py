@@ -1,0 +1,265 @@
+"""The capture store: every model call, run and template, persisted through one object.
+
+    with CaptureStore.open("sqlite:///.slmswap/capture.db") as store:
+        store.record(CallRecord(route="retrieval", binding="gguf:smollm2-135m", request=..., response=...))
+        store.list_calls(agent="retrieval", limit=5)
+
+Calls go through a group-commit writer (`writer.py`): `record()` returns once the row is committed. Runs and
+templates are rare writes and use short transactions of their own. Everything is redacted before it is written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import statistics
+from collections.abc import Iterable
+from dataclasses import fields
+from datetime import UTC, datetime
+from itertools import groupby
+from typing import Any, get_args
+
+from sqlalchemy import Engine, Select, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.capture.engine import FIX, open_engine, write_transaction
+from app.capture.migrations import migrate
+from app.capture.records import (AgentStats, CallRecord, RunRecord, RunStatus, Source, TemplateRecord, new_id,
+                                 utcnow)
+from app.capture.redact import redact, redact_text
+from app.capture.schema import calls, runs, templates
+from app.capture.writer import CompiledInsert, GroupCommitWriter
+from app.errors import StoreError, UsageError
+
+_CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
+_RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
+_TEMPLATE_FIELDS = tuple(f.name for f in fields(TemplateRecord))
+_SOURCES = frozenset(get_args(Source))
+_FINAL_STATUSES = frozenset(get_args(RunStatus)) - {"running"}
+
+
+class CaptureStore:
+    """Persists calls, runs and templates; open one with `CaptureStore.open(url)`."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._writer = GroupCommitWriter(CompiledInsert(engine, calls), describe=_describe_failed_call)
+        self._closed = False
+        self._pid = os.getpid()
+        atexit.register(self.close)
+
+    @classmethod
+    def open(cls, url: str) -> CaptureStore:
+        """Open (creating and migrating as needed) the store at a SQLAlchemy URL."""
+        engine = open_engine(url)
+        try:
+            migrate(engine)
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise StoreError(f"cannot open the capture store at {_safe_url(engine)}: {exc.__cause__ or exc}; "
+                             f"{FIX}") from None
+        return cls(engine)
+
+    @property
+    def url(self) -> str:
+        return _safe_url(self._engine)
+
+    # ---- calls -------------------------------------------------------------------------------------------
+
+    def record(self, call: CallRecord) -> None:
+        """Persist one call (redacted); durable when this returns. Concurrent callers share one commit."""
+        self._writer.write(_call_row(call))
+
+    async def arecord(self, call: CallRecord) -> None:
+        """`record` for async code: awaits the same commit without blocking the event loop.
+
+        A caller cancelled while waiting may still find its call recorded.
+        """
+        await self._writer.awrite(_call_row(call))
+
+    def list_calls(self, agent: str | None = None, run_id: str | None = None, limit: int = 50) -> list[CallRecord]:
+        """The newest calls first, optionally of one agent or one run."""
+        query = select(calls).order_by(calls.c.created_at.desc(), calls.c.id.desc()).limit(limit)
+        if agent is not None:
+            query = query.where(calls.c.agent == agent)
+        if run_id is not None:
+            query = query.where(calls.c.run_id == run_id)
+        return [_call(row) for row in self._fetch(query)]
+
+    def get_call(self, id_or_prefix: str) -> CallRecord:
+        """The call with this id, or the only one whose id starts with it; UsageError otherwise."""
+        if not id_or_prefix:
+            raise UsageError("give a call id or the first characters of one (see `slmswap calls list`)")
+        rows = self._fetch(select(calls).where(calls.c.id == id_or_prefix))
+        rows = rows or self._fetch(select(calls).where(calls.c.id.startswith(id_or_prefix, autoescape=True))
+                                   .order_by(calls.c.id).limit(3))
+        if not rows:
+            raise UsageError(f"no call has an id starting with {id_or_prefix!r}; "
+                             "list recent ones with `slmswap calls list`")
+        if len(rows) > 1:
+            ids = ", ".join(row["id"] for row in rows[:2])
+            raise UsageError(f"{id_or_prefix!r} matches more than one call ({ids}, ...); give more characters")
+        return _call(rows[0])
+
+    def calls_for_run(self, run_id: str) -> list[CallRecord]:
+        """The calls of one run, in the order they were made."""
+        query = select(calls).where(calls.c.run_id == run_id).order_by(calls.c.created_at, calls.c.id)
+        return [_call(row) for row in self._fetch(query)]
+
+    def stats(self) -> list[AgentStats]:
+        """Per agent: how many calls, the share that was valid, and the median latency."""
+        query = select(calls.c.agent, calls.c.valid, calls.c.latency_ms).order_by(calls.c.agent)
+        return summarize(self._fetch(query))
+
+    def flush(self) -> None:
+        """Wait until every call recorded so far (from any thread) is committed."""
+        self._writer.write(None)
+
+    # ---- runs --------------------------------------------------------------------------------------------
+
+    def start_run(self, query: str) -> str:
+        """Record that a run of the workflow started; returns its id (pass it as the calls' run_id)."""
+        self._check_open()
+        run_id = new_id()
+        with self._engine.begin() as conn:
+            conn.execute(runs.insert().values(id=run_id, query=redact_text(query), status="running",
+                                              started_at=utcnow()))
+        return run_id
+
+    def finish_run(self, run_id: str, status: RunStatus, answer: str | None = None,
+                   error: str | None = None) -> None:
+        """Record how a run ended: status is "ok", "failed" or "interrupted"."""
+        self._check_open()
+        if status not in _FINAL_STATUSES:
+            raise UsageError(f"a run finishes as one of {sorted(_FINAL_STATUSES)}, not {status!r}")
+        values = dict(status=status, answer=_redact_opt(answer), error=_redact_opt(error), finished_at=utcnow())
+        with self._engine.begin() as conn:
+            found = conn.execute(runs.update().where(runs.c.id == run_id).values(**values)).rowcount
+        if not found:
+            raise UsageError(f"no run has id {run_id!r}; start one with start_run(query)")
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        rows = self._fetch(select(runs).where(runs.c.id == run_id))
+        return _run(rows[0]) if rows else None
+
+    def list_runs(self, limit: int = 20) -> list[RunRecord]:
+        """The newest runs first."""
+        return [_run(row) for row in self._fetch(select(runs).order_by(runs.c.started_at.desc()).limit(limit))]
+
+    # ---- templates ---------------------------------------------------------------------------------------
+
+    def upsert_template(self, template: TemplateRecord) -> None:
+        """Insert a template, or replace every field of the one with the same id."""
+        self._check_open()
+        row = {k: getattr(template, k) for k in _TEMPLATE_FIELDS} | {"created_at": _utc(template.created_at)}
+        with write_transaction(self._engine) as conn:
+            if not conn.execute(templates.update().where(templates.c.id == template.id).values(**row)).rowcount:
+                conn.execute(templates.insert().values(**row))
+
+    def active_template(self, agent: str) -> TemplateRecord | None:
+        """The agent's active template with the highest version, if any."""
+        query = (select(templates).where(templates.c.agent == agent, templates.c.active)
+                 .order_by(templates.c.version.desc(), templates.c.created_at.desc()).limit(1))
+        rows = self._fetch(query)
+        return _template(rows[0]) if rows else None
+
+    def list_templates(self, agent: str | None = None) -> list[TemplateRecord]:
+        query = select(templates).order_by(templates.c.agent, templates.c.version)
+        if agent is not None:
+            query = query.where(templates.c.agent == agent)
+        return [_template(row) for row in self._fetch(query)]
+
+    def count_template_outcome(self, template_id: str, success: bool) -> None:
+        """Add one success or one failure to a template's counts (atomic, safe across processes)."""
+        self._check_open()
+        column = templates.c.successes if success else templates.c.failures
+        with self._engine.begin() as conn:
+            update = templates.update().where(templates.c.id == template_id).values({column: column + 1})
+            if not conn.execute(update).rowcount:
+                raise UsageError(f"no template has id {template_id!r}; see `slmswap templates list`")
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit what is queued and release the database. Idempotent; also runs at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        # In a forked child the pooled connections belong to the parent: drop them without closing them.
+        self._engine.dispose(close=os.getpid() == self._pid)
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> CaptureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the capture store is closed; open it again with CaptureStore.open(url)")
+
+    def _fetch(self, query: Select) -> list:
+        with self._engine.connect() as conn:
+            return list(conn.execute(query).mappings())
+
+
+def summarize(rows: Iterable[Any]) -> list[AgentStats]:
+    """Per-agent stats from rows with `agent`, `valid` and `latency_ms`, sorted by agent (pure)."""
+    out = []
+    ordered = sorted(rows, key=lambda r: (r["agent"] is not None, r["agent"] or ""))
+    for agent, group in groupby(ordered, key=lambda r: r["agent"]):
+        group = list(group)
+        valid = sum(1 for r in group if r["valid"])
+        median = statistics.median(r["latency_ms"] for r in group)
+        out.append(AgentStats(agent=agent, calls=len(group), valid_rate=valid / len(group), p50_latency_ms=median))
+    return out
+
+
+def _call_row(call: CallRecord) -> dict[str, Any]:
+    if call.source not in _SOURCES:
+        raise UsageError(f"a call's source is one of {sorted(_SOURCES)}, not {call.source!r}")
+    row = {k: getattr(call, k) for k in _CALL_FIELDS}
+    row["request"] = redact(call.request)
+    row["response"] = redact(call.response)
+    row["error_detail"] = _redact_opt(call.error_detail)
+    row["created_at"] = _utc(call.created_at)
+    return row
+
+
+def _call(row) -> CallRecord:
+    return CallRecord(**{k: row[k] for k in _CALL_FIELDS if k != "created_at"}, created_at=_utc(row["created_at"]))
+
+
+def _run(row) -> RunRecord:
+    values = {k: row[k] for k in _RUN_FIELDS}
+    return RunRecord(**values | {"started_at": _utc(row["started_at"]), "finished_at": _utc(row["finished_at"])})
+
+
+def _template(row) -> TemplateRecord:
+    return TemplateRecord(**{k: row[k] for k in _TEMPLATE_FIELDS} | {"created_at": _utc(row["created_at"])})
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite keeps no time zone, so every datetime is stored in UTC and read back as UTC.
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _redact_opt(text: str | None) -> str | None:
+    return None if text is None else redact_text(text)
+
+
+def _describe_failed_call(row: dict[str, Any], exc: BaseException) -> str:
+    if isinstance(exc, (TypeError, ValueError)):
+        return (f"call {row['id']} holds data that is not JSON ({exc}); build request and response with "
+                "records.request_payload() and records.response_payload()")
+    if "UNIQUE" in str(exc).upper() or "DUPLICATE" in str(exc).upper():
+        return f"call {row['id']} is already recorded; give each call a fresh id (records.new_id())"
+    return f"could not record call {row['id']}: {exc}; check the disk and {FIX}"
+
+
+def _safe_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)

@@ -1,0 +1,221 @@
+"""Group commit: one writer thread drains a queue and inserts everything queued in one transaction.
+
+A caller waits (or awaits) until the transaction holding its row has committed, so a write is durable when it
+returns; callers who arrive while a commit is under way share the next one, which is what makes many
+concurrent recorders cheap. The INSERT is compiled once and run on the writer's own DBAPI connection, because
+SQLAlchemy's per-execute bookkeeping costs more than SQLite's insert itself. A KeyboardInterrupt reaches only
+the caller's thread, never the writer's, and a batch is one transaction, so no batch is ever half written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, Table
+
+from app.errors import StoreError
+
+Row = dict[str, Any]
+_STOP = object()
+
+
+class CompiledInsert:
+    """An INSERT of whole rows into `table`, compiled once for the engine's dialect."""
+
+    def __init__(self, engine: Engine, table: Table):
+        dialect = engine.dialect
+        compiled = table.insert().compile(dialect=dialect)
+        self.sql = compiled.string
+        self._keys = list(compiled.positiontup) if compiled.positional else None
+        self._processors = {c.key: c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.columns}
+        # The sqlite3 connection is in autocommit mode (see engine.py), so a batch opens its own transaction.
+        self._begin = "BEGIN" if dialect.name == "sqlite" else None
+        self._engine = engine
+        self.integrity_error = dialect.loaded_dbapi.IntegrityError
+
+    def connect(self):
+        return self._engine.raw_connection()
+
+    def params(self, row: Row) -> tuple | dict:
+        """The row as DBAPI parameters (JSON serialized, datetimes formatted); raises on unserializable data."""
+        procs = self._processors
+        values = {k: (procs[k](v) if procs[k] else v) for k, v in row.items()}
+        return tuple(values[k] for k in self._keys) if self._keys is not None else values
+
+    def run(self, dbapi_conn, params: list) -> None:
+        """Insert rows (as `params`) in one transaction on a DBAPI connection; rolled back entirely on error."""
+        cur = dbapi_conn.cursor()
+        try:
+            if self._begin:
+                cur.execute(self._begin)
+            cur.executemany(self.sql, params)
+            dbapi_conn.commit()
+        except BaseException:
+            dbapi_conn.rollback()
+            raise
+        finally:
+            cur.close()
+
+
+class _Ticket:
+    """One queued row and its waiting caller: a thread's Event or a coroutine's Future."""
+
+    __slots__ = ("row", "params", "error", "event", "future")
+
+    def __init__(self, row: Row | None, params, event: threading.Event | None, future: asyncio.Future | None):
+        self.row, self.params, self.event, self.future = row, params, event, future
+        self.error: BaseException | None = None
+
+
+class GroupCommitWriter:
+    """Writes rows through one background thread; `write` returns once the row is committed."""
+
+    def __init__(self, insert: CompiledInsert, *, describe: Callable[[Row, BaseException], str], max_batch=2000):
+        self._insert = insert
+        self._describe = describe  # turns a failed row into a message for the caller
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+        self.commits = 0  # transactions committed, for tests and the bench
+        self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, row: Row | None) -> None:
+        """Queue `row` and block until it is committed (None: until everything queued before is)."""
+        ticket = self._submit(row, event=threading.Event())
+        ticket.event.wait()
+        if ticket.error is not None:
+            raise ticket.error
+
+    async def awrite(self, row: Row | None) -> None:
+        """`write` without blocking the event loop."""
+        ticket = self._submit(row, future=asyncio.get_running_loop().create_future())
+        await ticket.future
+        if ticket.error is not None:
+            raise ticket.error
+
+    def close(self) -> None:
+        """Commit everything queued, then stop the thread. Idempotent."""
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _submit(self, row: Row | None, event=None, future=None) -> _Ticket:
+        # Serialize here, on the caller's thread: bad data fails its own caller, never the batch it would join.
+        try:
+            params = None if row is None else self._insert.params(row)
+        except Exception as exc:
+            raise StoreError(self._describe(row, exc)) from exc
+        ticket = _Ticket(row, params, event, future)
+        if os.getpid() != self._pid:  # forked: the writer thread did not come along, nobody would commit this
+            raise StoreError("this capture store was opened before a fork; open another with CaptureStore.open(url) "
+                             "in this process")
+        with self._lock:
+            if self._closed:
+                raise StoreError("the capture store is closed; open it again with CaptureStore.open(url)")
+            self._queue.put(ticket)
+        return ticket
+
+    def _run(self) -> None:
+        try:
+            conn = self._insert.connect()
+        except BaseException as exc:
+            self._fail_all(exc)
+            return
+        try:
+            while self._commit_next(conn):
+                pass
+        except BaseException as exc:  # a bug, not a database error: never leave a caller waiting
+            self._fail_all(exc)
+        finally:
+            conn.close()
+
+    def _commit_next(self, conn) -> bool:
+        """Commit one batch; False once the stop marker has been seen."""
+        batch = self._drain()
+        tickets = [t for t in batch if t is not _STOP]
+        try:
+            self._commit(conn, [t for t in tickets if t.row is not None])
+        except BaseException as exc:
+            for ticket in tickets:
+                ticket.error = ticket.error or StoreError(f"the capture writer failed: {exc!r}")
+            raise
+        finally:
+            _notify(tickets)
+        return len(tickets) == len(batch)
+
+    def _drain(self) -> list:
+        batch = [self._queue.get()]
+        try:
+            while len(batch) < self._max_batch and batch[-1] is not _STOP:
+                batch.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _commit(self, conn, tickets: list[_Ticket]) -> None:
+        if not tickets:
+            return
+        try:
+            self._insert.run(conn, [t.params for t in tickets])
+            self.commits += 1
+        except self._insert.integrity_error:
+            self._commit_one_by_one(conn, tickets)  # so one duplicate id fails only its own caller
+        except Exception as exc:
+            for ticket in tickets:
+                ticket.error = StoreError(self._describe(ticket.row, exc))
+
+    def _commit_one_by_one(self, conn, tickets: list[_Ticket]) -> None:
+        for ticket in tickets:
+            try:
+                self._insert.run(conn, [ticket.params])
+                self.commits += 1
+            except Exception as exc:
+                ticket.error = StoreError(self._describe(ticket.row, exc))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            self._closed = True
+        tickets = []
+        while True:
+            try:
+                ticket = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is not _STOP:
+                ticket.error = StoreError(f"the capture writer stopped: {exc!r}")
+                tickets.append(ticket)
+        _notify(tickets)
+
+
+def _notify(tickets: list[_Ticket]) -> None:
+    """Wake the waiting threads, and each event loop once for all of its coroutines in this batch."""
+    futures_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for ticket in tickets:
+        if ticket.future is None:
+            ticket.event.set()
+        else:
+            futures_by_loop.setdefault(ticket.future.get_loop(), []).append(ticket.future)
+    for loop, futures in futures_by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, futures)
+        except RuntimeError:  # that event loop has closed; nobody is waiting any more
+            pass
+
+
+def _settle(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled caller's future is already done
+            future.set_result(None)

@@ -1,0 +1,142 @@
+"""Migrations: a blank database and one left in the original (m001-only) schema, with rows, both arrive at
+exactly the schema declared in app/capture/schema.py without losing anything."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Connection, Engine, inspect, text
+
+from app.capture import migrations
+from app.capture.engine import open_engine
+from app.capture.migrations import MIGRATIONS, migrate, pending
+from app.capture.schema import metadata
+from app.capture.store import CaptureStore
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'capture.db'}"
+
+
+@pytest.fixture
+def engine(url):
+    engine = open_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def shape(engine: Engine) -> dict:
+    """Tables -> columns (generic type, nullable) and index columns, as the database reports them."""
+    insp = inspect(engine)
+    return {
+        name: {
+            "columns": {c["name"]: (c["type"]._type_affinity.__name__, c["nullable"])
+                        for c in insp.get_columns(name)},
+            "indexes": sorted(tuple(ix["column_names"]) for ix in insp.get_indexes(name)),
+        }
+        for name in insp.get_table_names() if name != "_migrations"
+    }
+
+
+def declared() -> dict:
+    return {
+        table.name: {
+            "columns": {c.name: (c.type._type_affinity.__name__, c.nullable) for c in table.columns},
+            "indexes": sorted(tuple(c.name for c in ix.columns) for ix in table.indexes),
+        }
+        for table in metadata.sorted_tables
+    }
+
+
+def test_steps_are_numbered_in_order():
+    numbers = [int(re.match(r"m(\d{3})_\w+$", step.__name__).group(1)) for step in MIGRATIONS]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+def test_migrate_blank_database(engine):
+    assert migrate(engine) == [step.__name__ for step in MIGRATIONS]
+    assert shape(engine) == declared()
+    assert pending(engine) == []
+    assert migrate(engine) == []  # every open runs it; the second time it does nothing
+
+
+def test_migrate_original_schema_keeps_rows(url, engine):
+    migrate(engine, stop_before="m002_calls_source")
+    assert set(inspect(engine).get_table_names()) == {"_migrations", "calls", "templates"}
+    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with engine.begin() as conn:
+        insert_original_rows(conn, created)
+
+    assert migrate(engine) == ["m002_calls_source", "m003_runs"]
+    assert shape(engine) == declared()
+
+    with CaptureStore.open(url) as store:
+        old = store.get_call("old-call")
+        assert (old.source, old.agent, old.valid, old.latency_ms, old.created_at) == (
+            "graph", "retrieval", True, 42.0, created)
+        assert old.request["messages"][0]["content"] == "hello"
+        assert old.response == {"content": "hi", "tool_calls": None, "finish_reason": "stop"}
+        assert store.active_template("retrieval").text == "You retrieve."
+        run_id = store.start_run("new run")  # tables added by later steps work
+        assert store.get_run(run_id).status == "running"
+
+
+def insert_original_rows(conn: Connection, created: datetime) -> None:
+    """Rows as the m001-era code wrote them (no `source`, no runs table)."""
+    conn.execute(text(
+        "INSERT INTO calls (id, run_id, route, agent, binding, template_id, request, response, valid, error_type,"
+        " error_detail, latency_ms, prompt_tokens, completion_tokens, cost_usd, teacher_cost_usd, created_at)"
+        " VALUES ('old-call', NULL, 'retrieval', 'retrieval', 'gguf:smollm2-135m', 'retrieval/base@1', :req, :resp,"
+        " 1, NULL, NULL, 42.0, 10, 3, 0.0, 0.01, :created)"),
+        {"req": json.dumps({"messages": [{"role": "user", "content": "hello"}], "params": {}}),
+         "resp": json.dumps({"content": "hi", "tool_calls": None, "finish_reason": "stop"}),
+         "created": created.strftime("%Y-%m-%d %H:%M:%S.%f")})
+    conn.execute(text(
+        "INSERT INTO templates (id, agent, version, parent_id, origin, text, successes, failures, active, created_at)"
+        " VALUES ('retrieval/base@1', 'retrieval', 1, NULL, 'base', 'You retrieve.', 3, 1, 1, :created)"),
+        {"created": created.strftime("%Y-%m-%d %H:%M:%S.%f")})
+
+
+def test_a_failing_step_leaves_no_trace(engine, monkeypatch):
+    migrate(engine)
+
+    def m999_broken(conn):
+        conn.exec_driver_sql("CREATE TABLE half_done (x INTEGER)")
+        conn.exec_driver_sql("ALTER TABLE calls ADD COLUMN half INTEGER")
+        raise RuntimeError("step failed midway")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*MIGRATIONS, m999_broken])
+    with pytest.raises(RuntimeError):
+        migrations.migrate(engine)
+    # DDL is transactional on SQLite too (engine.py takes BEGIN away from the sqlite3 driver).
+    assert "half_done" not in inspect(engine).get_table_names()
+    assert "half" not in {c["name"] for c in inspect(engine).get_columns("calls")}
+    assert migrations.pending(engine) == ["m999_broken"]
+
+
+def test_concurrent_opens_migrate_once(url):
+    errors, engines = [], [open_engine(url) for _ in range(4)]
+
+    def run(e):
+        try:
+            migrate(e)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with engines[0].connect() as conn:
+        names = list(conn.scalars(text("SELECT name FROM _migrations")))
+    assert sorted(names) == sorted(step.__name__ for step in MIGRATIONS)
+    assert shape(engines[0]) == declared()
+    for e in engines:
+        e.dispose()

@@ -1,0 +1,541 @@
+"""The capture store on real database files: round trips, queries, group commit, redaction on disk, and rows
+that survive SIGKILL and Ctrl-C of a real subprocess. Parametrised by `store_url` (PostgreSQL joins later)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from app.capture.records import CallRecord, TemplateRecord
+from app.capture.redact import REDACTED, redact
+from app.capture.store import CaptureStore, summarize
+from app.errors import StoreError, UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-live0123456789abcdefXYZ"
+
+
+@pytest.fixture(params=["sqlite"])
+def store_url(request, tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'nested' / 'capture.db'}"
+
+
+@pytest.fixture
+def store(store_url):
+    with CaptureStore.open(store_url) as s:
+        yield s
+
+
+def sqlite_path(url: str) -> Path:
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def call(**kw) -> CallRecord:
+    base = dict(route="retrieval", agent="retrieval", binding="gguf:smollm2-135m",
+                request={"messages": [{"role": "user", "content": "hi"}], "tools": None, "tool_choice": None,
+                         "response_format": None, "params": {"temperature": 0.0}},
+                response={"content": "hello", "tool_calls": None, "finish_reason": "stop"})
+    return CallRecord(**base | kw)
+
+
+@contextmanager
+def db_locked(url: str, seconds: float):
+    """Hold SQLite's write lock from another connection for `seconds`, in a thread, so writers queue up."""
+    held = threading.Event()
+
+    def hold():
+        conn = sqlite3.connect(sqlite_path(url), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        t.join()
+
+
+# ---- round trips and queries ---------------------------------------------------------------------------------
+
+def test_record_round_trips_every_field(store):
+    created = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    original = call(run_id="run1", template_id="retrieval/base@1", source="proxy", valid=False,
+                    error_type="invalid_tool_call", error_detail="no such tool", latency_ms=12.5, prompt_tokens=30,
+                    completion_tokens=7, cost_usd=0.001, teacher_cost_usd=0.02, created_at=created)
+    store.record(original)
+    got = store.get_call(original.id)
+    assert got == CallRecord(**{**{f: getattr(original, f) for f in original.__dataclass_fields__},
+                                "created_at": created.astimezone(UTC)})
+    assert got.created_at.tzinfo is not None and got.created_at == created
+
+
+def test_list_calls_newest_first_with_filters(store):
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    rows = [call(agent="a" if i % 2 else "b", run_id="r1" if i < 3 else "r2", created_at=t0 + timedelta(seconds=i))
+            for i in range(6)]
+    for row in rows:
+        store.record(row)
+    assert [c.id for c in store.list_calls()] == [r.id for r in reversed(rows)]
+    assert [c.id for c in store.list_calls(agent="a")] == [rows[5].id, rows[3].id, rows[1].id]
+    assert [c.id for c in store.list_calls(run_id="r1", limit=2)] == [rows[2].id, rows[1].id]
+    assert [c.id for c in store.calls_for_run("r2")] == [rows[3].id, rows[4].id, rows[5].id]
+
+
+def test_get_call_by_unique_prefix(store):
+    for cid in ("abc123", "abd456", "abc789"):
+        store.record(call(id=cid))
+    assert store.get_call("abd").id == "abd456"
+    assert store.get_call("abc789").id == "abc789"
+    with pytest.raises(UsageError, match="more than one call.*more characters"):
+        store.get_call("abc")
+    with pytest.raises(UsageError, match="slmswap calls list"):
+        store.get_call("zzz")
+    with pytest.raises(UsageError):
+        store.get_call("")
+
+
+def test_get_call_prefix_is_literal(store):
+    store.record(call(id="a_c1"))
+    store.record(call(id="abc2"))
+    assert store.get_call("a_").id == "a_c1"  # "_" is not a LIKE wildcard here
+    with pytest.raises(UsageError):
+        store.get_call("a%")
+
+
+def test_stats_per_agent(store):
+    for latency, valid in [(10, True), (30, False), (20, True)]:
+        store.record(call(agent="a", latency_ms=latency, valid=valid))
+    store.record(call(agent="b", latency_ms=5, valid=True))
+    a, b = store.stats()
+    assert (a.agent, a.calls, a.p50_latency_ms) == ("a", 3, 20)
+    assert a.valid_rate == pytest.approx(2 / 3)
+    assert (b.agent, b.calls, b.valid_rate, b.p50_latency_ms) == ("b", 1, 1.0, 5)
+
+
+def test_summarize_is_pure_and_handles_missing_agent():
+    rows = [{"agent": None, "valid": True, "latency_ms": 1.0}, {"agent": None, "valid": False, "latency_ms": 3.0},
+            {"agent": "x", "valid": False, "latency_ms": 2.0}]
+    none, x = summarize(rows)
+    assert (none.agent, none.calls, none.valid_rate, none.p50_latency_ms) == (None, 2, 0.5, 2.0)
+    assert (x.agent, x.valid_rate) == ("x", 0.0)
+
+
+def test_unknown_source_is_refused(store):
+    with pytest.raises(UsageError, match="source"):
+        store.record(call(source="cli"))
+
+
+# ---- runs and templates ----------------------------------------------------------------------------------------
+
+def test_run_lifecycle(store):
+    run_id = store.start_run("what is 2+2?")
+    run = store.get_run(run_id)
+    assert (run.status, run.query, run.finished_at) == ("running", "what is 2+2?", None)
+    store.finish_run(run_id, "ok", answer="4")
+    run = store.get_run(run_id)
+    assert (run.status, run.answer) == ("ok", "4")
+    assert run.finished_at >= run.started_at and run.finished_at.tzinfo is not None
+    assert [r.id for r in store.list_runs()] == [run_id]
+    assert store.get_run("nope") is None
+    with pytest.raises(UsageError, match="start_run"):
+        store.finish_run("nope", "failed", error="boom")
+    with pytest.raises(UsageError, match="interrupted"):
+        store.finish_run(run_id, "running")
+
+
+def test_templates_upsert_active_and_counts(store):
+    base = TemplateRecord(id="retrieval/base@1", agent="retrieval", version=1, text="You retrieve.")
+    store.upsert_template(base)
+    assert store.active_template("retrieval") == base
+    evolved = TemplateRecord(id="retrieval/evolved@2", agent="retrieval", version=2, text="You retrieve. Use tools.",
+                             origin="evolved", parent_id=base.id)
+    store.upsert_template(evolved)
+    store.upsert_template(TemplateRecord(id="retrieval/manual@3", agent="retrieval", version=3, text="off",
+                                         origin="manual", active=False))
+    store.upsert_template(TemplateRecord(id="format/base@1", agent="format", version=1, text="Format."))
+    assert store.active_template("retrieval").id == evolved.id  # highest active version; @3 is inactive
+    assert store.active_template("nobody") is None
+    assert [t.id for t in store.list_templates("retrieval")] == [base.id, evolved.id, "retrieval/manual@3"]
+    assert len(store.list_templates()) == 4
+
+    store.count_template_outcome(evolved.id, success=True)
+    store.count_template_outcome(evolved.id, success=True)
+    store.count_template_outcome(evolved.id, success=False)
+    got = store.active_template("retrieval")
+    assert (got.successes, got.failures) == (2, 1)
+    store.upsert_template(TemplateRecord(id=evolved.id, agent="retrieval", version=2, text="edited", active=False))
+    assert store.active_template("retrieval").id == base.id
+    with pytest.raises(UsageError):
+        store.count_template_outcome("missing@1", success=True)
+
+
+# ---- redaction ----------------------------------------------------------------------------------------------
+
+def test_nothing_secret_reaches_the_disk(store_url):
+    bearer = "Bearer eyJhbGciOiJIUzI1NiJ9.abc123.def456"
+    with CaptureStore.open(store_url) as store:
+        store.record(call(
+            request={"messages": [{"role": "user", "content": f"my key is {SECRET}"}],
+                     "params": {"extra_headers": {"Authorization": bearer, "X-Api-Key": "k-plain-value-1"}},
+                     "api_key": "plain-value-2"},
+            response={"content": f"echo {bearer}"}, error_detail=f"401 for {SECRET}"))
+        run_id = store.start_run(f"use {SECRET}")
+        store.finish_run(run_id, "failed", error=f"auth failed: {bearer}")
+        got = store.list_calls()[0]
+    assert got.request["messages"][0]["content"] == f"my key is {REDACTED}"
+    assert got.request["params"]["extra_headers"] == {"Authorization": REDACTED, "X-Api-Key": REDACTED}
+    db = sqlite_path(store_url)
+    on_disk = b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
+    for secret in (SECRET, "eyJhbGciOiJIUzI1NiJ9", "k-plain-value-1", "plain-value-2"):
+        assert secret.encode() not in on_disk
+
+
+@pytest.mark.parametrize("key", ["api_key", "API-KEY", "Authorization", "x-api-key", "client_secret",
+                                 "Password", "AZURE_OPENAI_API_KEY", "apiKey", "proxy-authorization"])
+def test_redact_secret_keys(key):
+    assert redact({key: "v", "keep": "v"}) == {key: REDACTED, "keep": "v"}
+
+
+def test_redact_walks_nested_data_and_keeps_the_rest():
+    data = {"a": [{"password": "p", "n": 1}, "Bearer abcdefghijklmnop12345"], "max_tokens": 5,
+            "prompt_tokens": 3, "note": "the bearer of bad news uses scikit-learn and task-sk-1"}
+    assert redact(data) == {"a": [{"password": REDACTED, "n": 1}, REDACTED], "max_tokens": 5, "prompt_tokens": 3,
+                            "note": data["note"]}
+    assert data["a"][0]["password"] == "p"  # the input is not changed
+
+
+def test_redact_keeps_tool_schemas_with_secret_named_parameters():
+    tool = {"type": "function", "function": {"name": "login", "parameters": {
+        "type": "object", "properties": {"password": {"type": "string"}, "api_key": {"type": "string"}},
+        "required": ["password"]}}}
+    assert redact(tool) == tool
+
+
+def test_redact_text_in_place():
+    assert redact(f"use {SECRET}, then Bearer abc.DEF-123_456~789/xyz= done") == \
+        f"use {REDACTED}, then {REDACTED} done"
+
+
+# ---- group commit and async --------------------------------------------------------------------------------
+
+def test_concurrent_recorders_share_commits(store, store_url):
+    with db_locked(store_url, 0.5):
+        # The first commit waits on the lock; everything queued meanwhile must go in one more commit.
+        threads = [threading.Thread(target=store.record, args=(call(id=f"c{i}"),)) for i in range(20)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(store.list_calls(limit=100)) == 20
+    assert store._writer.commits <= 3
+
+
+def test_duplicate_id_fails_only_its_caller(store, store_url):
+    store.record(call(id="dup"))
+    errors = {}
+
+    def rec(cid):
+        try:
+            store.record(call(id=cid))
+        except StoreError as exc:
+            errors[cid] = exc
+
+    with db_locked(store_url, 0.3):
+        threads = [threading.Thread(target=rec, args=(cid,)) for cid in ("x1", "dup", "x2")]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert list(errors) == ["dup"] and "already recorded" in str(errors["dup"])
+    assert {c.id for c in store.list_calls()} == {"dup", "x1", "x2"}
+
+
+def test_arecord_does_not_block_the_event_loop(store, store_url):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        with db_locked(store_url, 0.4):
+            await asyncio.gather(*(store.arecord(call(id=f"a{i}")) for i in range(50)))
+        tick_task.cancel()
+        return ticks
+
+    ticks = asyncio.run(main())
+    assert ticks >= 10
+    assert len(store.list_calls(limit=100)) == 50
+
+
+def test_arecord_raises_store_errors(store):
+    store.record(call(id="same"))
+    with pytest.raises(StoreError, match="already recorded"):
+        asyncio.run(store.arecord(call(id="same")))
+
+
+def test_flush_waits_for_other_threads(store, store_url):
+    with db_locked(store_url, 0.3):
+        t = threading.Thread(target=store.record, args=(call(id="late"),))
+        t.start()
+        time.sleep(0.05)
+        assert store.list_calls() == []
+    store.flush()
+    assert [c.id for c in store.list_calls()] == ["late"]
+    t.join()
+
+
+# ---- lifecycle and opening --------------------------------------------------------------------------------
+
+def test_close_is_idempotent_and_refuses_writes(store_url):
+    store = CaptureStore.open(store_url)
+    store.record(call(id="before"))
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.record(call())
+    with pytest.raises(StoreError, match="closed"):
+        asyncio.run(store.arecord(call()))
+    with pytest.raises(StoreError, match="closed"):
+        store.start_run("q")
+    with CaptureStore.open(store_url) as again:
+        assert [c.id for c in again.list_calls()] == ["before"]
+    with pytest.raises(StoreError):
+        again.record(call())
+
+
+def test_open_creates_the_directory_and_sets_wal(tmp_path):
+    db = tmp_path / "a" / "b" / "calls.db"
+    with CaptureStore.open(f"sqlite:///{db}"):
+        pass
+    assert db.exists()
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_open_unwritable_location_names_path_and_fix(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError) as err:
+        CaptureStore.open(f"sqlite:///{blocker / 'sub' / 'calls.db'}")
+    assert str(blocker) in str(err.value) and "SLMSWAP_STORE_URL" in str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_open_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(StoreError, match="not writable"):
+        CaptureStore.open(f"sqlite:///{ro / 'calls.db'}")
+
+
+def test_open_non_sqlite_file_leaves_it_untouched(tmp_path):
+    notes = tmp_path / "notes.db"
+    notes.write_bytes(b"these are my notes, not a database\n" * 10)
+    before = (notes.read_bytes(), notes.stat().st_mtime_ns)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        CaptureStore.open(f"sqlite:///{notes}")
+    assert (notes.read_bytes(), notes.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_open_refuses_memory_and_bad_urls():
+    with pytest.raises(StoreError, match="file"):
+        CaptureStore.open("sqlite://")
+    with pytest.raises(StoreError, match="SLMSWAP_STORE_URL"):
+        CaptureStore.open("not a url")
+
+
+# ---- crashes: real subprocesses --------------------------------------------------------------------------------
+
+RECORDER = """
+import os, signal, sys, threading
+from app.capture.records import CallRecord
+from app.capture.store import CaptureStore
+
+store = CaptureStore.open(sys.argv[1])
+mode = sys.argv[2]
+
+def one():
+    c = CallRecord(route="r", binding="b", request={"messages": [{"role": "user", "content": "x" * 300}]},
+                   response={"content": "y"})
+    store.record(c)
+    os.write(1, (c.id + "\\n").encode())  # only after record() returned
+
+def burst():
+    while True:
+        one()
+
+if mode == "kill-self":
+    one()
+    threads = [threading.Thread(target=lambda: [one() for _ in range(25)]) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    os.kill(os.getpid(), signal.SIGKILL)
+else:
+    for _ in range(3):
+        threading.Thread(target=burst, daemon=True).start()
+    burst()
+"""
+
+
+def run_recorder(url: str, mode: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", RECORDER, url, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+
+
+def read_ids(proc: subprocess.Popen, at_least: int) -> list[str]:
+    ids = []
+    while len(ids) < at_least:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read().decode()
+        ids.append(line.decode().strip())
+    return ids
+
+
+def assert_intact(url: str, ids: list[str]) -> None:
+    conn = sqlite3.connect(sqlite_path(url))
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    with CaptureStore.open(url) as store:
+        stored = {c.id for c in store.list_calls(limit=1_000_000)}
+    assert set(ids) <= stored
+
+
+def test_recorded_call_survives_sigkill(store_url):
+    proc = run_recorder(store_url, "kill-self")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    ids = out.decode().split()
+    assert len(ids) == 101
+    assert_intact(store_url, ids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_burst_keeps_every_returned_record(store_url, sig):
+    proc = run_recorder(store_url, "burst")
+    ids = read_ids(proc, 300)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)  # a hang here would mean Ctrl-C deadlocked the writer
+    ids += [line for line in out.decode().split("\n") if len(line) == 32]
+    assert proc.returncode != 0
+    assert_intact(store_url, ids)
+
+
+def test_unserializable_call_fails_alone(store):
+    with pytest.raises(StoreError, match="not JSON.*request_payload"):
+        store.record(call(request={"messages": [object()]}))
+    store.record(call(id="fine"))
+    assert [c.id for c in store.list_calls()] == ["fine"]
+
+
+def test_redact_quick_check_covers_every_secret_word():
+    from app.capture import redact as module
+
+    for word in module._SECRET_WORDS:
+        assert any(needle in word.replace("_", "-") and needle in word for needle in module._NEEDLES[2:]), word
+    for key in ("API-KEY", "Refresh-Token", "x-Auth-Token", "PASSWD"):  # each found both ways
+        assert module.is_secret_key(key) and module._might_hold_secret({key: 1})
+
+
+def test_redact_quick_check_never_changes_the_result():
+    import random
+
+    from app.capture import redact as module
+
+    rng = random.Random(7)
+    keys = ["role", "content", "X-Api-Key", "client_SECRET", "properties", "max_tokens", "Access-Token", "name",
+            "passWord", "auth", "k"]
+    texts = ["hello", f"use {SECRET}", "Bearer abcdef0123456789xyz", "the bearer of news", "sk-short", "tokens"]
+
+    def gen(depth):
+        roll = rng.random()
+        if depth > 3 or roll < 0.3:
+            return rng.choice(texts + [1, 2.5, None, True])
+        if roll < 0.5:
+            return [gen(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): gen(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    for _ in range(500):
+        value = gen(0)
+        assert redact(value) == module._walk(value, schema_properties=False)
+
+
+def test_a_forked_child_gets_an_error_not_a_hang(store):
+    pid = os.fork()
+    if pid == 0:  # child: the writer thread did not survive the fork
+        try:
+            store.record(call())
+            code = 1
+        except StoreError:
+            code = 0
+        store.close()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.record(call(id="parent"))  # the parent's store is unharmed
+    assert [c.id for c in store.list_calls()] == ["parent"]
+
+
+def test_open_corrupt_sqlite_file_is_a_store_error(tmp_path):
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    with pytest.raises(StoreError, match="cannot open the capture store"):
+        CaptureStore.open(f"sqlite:///{broken}")
+
+
+def test_open_without_a_driver_names_the_install():
+    from app.errors import MissingDependency
+
+    try:
+        import psycopg2  # noqa: F401
+        pytest.skip("psycopg2 is installed")
+    except ImportError:
+        pass
+    with pytest.raises(MissingDependency, match="pip install"):
+        CaptureStore.open("postgresql://user:pw@localhost/slmswap")
+
+
+def test_payloads_from_wire_types_round_trip(store):
+    from app.capture.records import request_payload, response_payload
+    from app.wire import AssistantMessage, ChatRequest, ChatResponse, Choice, FunctionCall, ToolCall
+
+    req = ChatRequest.model_validate({
+        "model": "retrieval", "messages": [{"role": "user", "content": "find x"}], "temperature": 0.2,
+        "max_tokens": 64, "tool_choice": "auto", "metadata": {"run_id": "r1"}, "stream": False,
+        "tools": [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]})
+    resp = ChatResponse(choices=[Choice(finish_reason="tool_calls", message=AssistantMessage(tool_calls=[
+        ToolCall(id="call_1", function=FunctionCall(name="search", arguments='{"q": "x"}'))]))])
+    request, response = request_payload(req), response_payload(resp)
+    assert request == {"messages": [{"role": "user", "content": "find x"}],
+                       "tools": [{"type": "function", "function": {"name": "search",
+                                                                   "parameters": {"type": "object"}}}],
+                       "tool_choice": "auto", "response_format": None,
+                       "params": {"temperature": 0.2, "max_tokens": 64}}
+    assert response == {"content": None, "finish_reason": "tool_calls", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"q": "x"}'}}]}
+    store.record(call(id="wire", request=request, response=response))
+    got = store.get_call("wire")
+    assert (got.request, got.response) == (request, response)
