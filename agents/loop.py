@@ -31,8 +31,9 @@ async def run_tool_loop(model: Any, messages: list[BaseMessage], tools: list, ct
     calls: list[dict[str, Any]] = []
     artifacts: list[str] = []
     last_error: str | None = None
-    for _ in range(max_turns):
-        ai = await model.bind_tools(schemas, tool_choice="auto").ainvoke(messages)
+    for turn in range(max_turns):
+        # The first turn must use a tool (every sub-agent works through its tools); later turns may answer.
+        ai = await model.bind_tools(schemas, tool_choice="required" if turn == 0 else "auto").ainvoke(messages)
         messages.append(ai)
         if problem := invalid_output(ai):
             return LoopOutcome(False, _text(ai), problem, calls, artifacts)

@@ -8,10 +8,13 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from agents.plan import Plan, default_plan, normalise
 
+PLAN_TOKENS = 512
+
 
 async def make_plan(query: str, template: dict[str, str], services: Any, run_id: str | None) -> tuple[Plan, str | None]:
     """The orchestrator model's plan, or the default plan and the reason when its output is unusable."""
-    model = services.chat_model("orchestrator", template["id"], run_id)
+    # A plan is bounded JSON (at most 4 steps of 3 short tasks); give it room whatever the per-call default.
+    model = services.chat_model("orchestrator", template["id"], run_id, max_tokens=max(PLAN_TOKENS, services.settings.workflow.max_tokens))
     structured = model.with_structured_output(Plan, include_raw=True)
     out = await structured.ainvoke([SystemMessage(template["text"]), HumanMessage(query)])
     if out["parsed"] is not None:

@@ -17,12 +17,12 @@ SUB_AGENTS: tuple[str, ...] = ("retrieval", "processing", "validation", "formatt
 class Task(BaseModel):
     model_config = ConfigDict(extra="forbid")
     agent: SubAgent
-    task: str = Field(min_length=1, max_length=200)
+    task: str = Field(min_length=1, max_length=120)
 
 
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tasks: list[Task] = Field(min_length=1, max_length=4)
+    tasks: list[Task] = Field(min_length=1, max_length=3)
 
 
 class Plan(BaseModel):
@@ -42,7 +42,7 @@ def normalise(plan: Plan) -> Plan:
 
 def default_plan(query: str) -> Plan:
     """The plan used when the orchestrator's output is unusable: every sub-agent in turn, on the query."""
-    task = query.strip()[:200]
+    task = query.strip()[:120]
     steps = [Step(tasks=[Task(agent=a, task=task)]) for a in SUB_AGENTS]
     return Plan(sub_agents=list(SUB_AGENTS), parallel=False, aggregation_strategy="report", steps=steps)
 

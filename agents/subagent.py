@@ -6,6 +6,7 @@ or an unresolved tool error) is retried with the error fed back, up to `workflow
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ async def run_subagent(payload: dict[str, Any], services: Any) -> dict[str, Any]
     template = payload["templates"][agent]
     wf = services.settings.workflow
     known = dict(payload.get("datasets") or {})
-    ctx = ToolContext(db_path=ensure_sales_db(Path(wf.data_db)), datasets=dict(known))
+    ctx = ToolContext(db_path=await asyncio.to_thread(ensure_sales_db, Path(wf.data_db)), datasets=dict(known))
     model = services.chat_model(agent, template["id"], payload.get("run_id"))
     messages = [SystemMessage(template["text"]), HumanMessage(task_prompt(payload, known))]
     attempts, outcome = 0, None

@@ -70,6 +70,17 @@ def print_run(result: dict[str, Any]) -> None:
     out.print(table)
 
 
+@app.command()
+def studio(
+    port: int | None = typer.Option(None, "--port", "-p", help="Port on 127.0.0.1 (default 2024)."),
+    config: str | None = ConfigOpt,
+) -> None:
+    """Serve the workflow to LangGraph Studio (langgraph dev) until Ctrl-C. Example: slmswap studio --port 2024"""
+    from app.studio import run_studio
+
+    raise typer.Exit(run_studio(port, config))
+
+
 @calls_app.command("list")
 def calls_list(
     agent: str | None = typer.Option(None, "--agent", help="Only this agent's calls."),

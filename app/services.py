@@ -25,13 +25,14 @@ class Services:
             store = CaptureStore.open(settings.store.url)
         return cls(settings=settings, router=Router(settings, store), store=store)
 
-    def chat_model(self, route: str, template_id: str | None = None, run_id: str | None = None):
+    def chat_model(self, route: str, template_id: str | None = None, run_id: str | None = None,
+                   max_tokens: int | None = None):
         """A LangChain chat model bound to `route`, carrying the template and run ids on every call."""
         from app.chat_model import RouterChatModel
 
         wf = self.settings.workflow
         return RouterChatModel(router=self.router, route=route, template_id=template_id, run_id=run_id,
-                               max_tokens=wf.max_tokens, temperature=wf.temperature)
+                               max_tokens=max_tokens or wf.max_tokens, temperature=wf.temperature)
 
     def close(self) -> None:
         if self.store is not None:

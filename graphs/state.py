@@ -13,8 +13,8 @@ from typing_extensions import TypedDict
 
 
 def merge(old: dict | None, new: dict | None) -> dict:
-    """Reducer: parallel sub-agents each add their own keys (task ids, dataset names)."""
-    return {**(old or {}), **(new or {})}
+    """Reducer: parallel sub-agents each add their own keys (task ids, dataset names); `None` clears (a new query)."""
+    return {} if new is None else {**(old or {}), **new}
 
 
 class WorkflowInput(TypedDict):
@@ -25,12 +25,12 @@ class WorkflowState(TypedDict, total=False):
     query: str
     run_id: str
     templates: dict[str, dict[str, str]]
-    plan: dict[str, Any]
+    plan: dict[str, Any] | None
     plan_note: str | None
     step: int
     results: Annotated[dict[str, dict[str, Any]], merge]
     datasets: Annotated[dict[str, list[dict[str, Any]]], merge]
-    answer: str
+    answer: str | None
 
 
 class SubAgentInput(TypedDict, total=False):

@@ -6,6 +6,7 @@ in the run context.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -21,15 +22,23 @@ from prompts.prompt_node import current_templates
 
 AGENTS = ["orchestrator", *SUB_AGENTS, "aggregate"]
 
+# What a new query resets on a thread that already ran one (None clears the merged dicts).
+FRESH = {"plan": None, "plan_note": None, "step": 0, "results": None, "datasets": None, "answer": None}
+
 _default: Any = None
 _default_lock = threading.Lock()
 
 
-def services_of(runtime: Runtime[WorkflowContext] | None) -> Any:
+async def services_of(runtime: Runtime[WorkflowContext] | None) -> Any:
     """The run's services, or the process default (built once from the config; Studio's case)."""
     ctx = runtime.context if runtime is not None else None
     if ctx is not None and getattr(ctx, "services", None) is not None:
         return ctx.services
+    # Building them reads files and opens the store: off the event loop, which `langgraph dev` forbids blocking.
+    return await asyncio.to_thread(default_services)
+
+
+def default_services() -> Any:
     global _default
     with _default_lock:
         if _default is None:
@@ -41,21 +50,23 @@ def services_of(runtime: Runtime[WorkflowContext] | None) -> Any:
 
 
 async def prompt(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict:
-    services = services_of(runtime)
+    services = await services_of(runtime)
     query = state["query"]
     if not isinstance(query, str) or not query.strip():
         raise ValueError("the query is empty; give the workflow a question to work on")
-    run_id = (runtime.context.run_id if runtime.context else None) or state.get("run_id")
+    # Never the thread's earlier run: Studio sends each new query to the same thread, with the last run's state.
+    run_id = runtime.context.run_id if runtime.context else None
     if run_id is None and services.store is not None:
-        run_id = services.store.start_run(query)
-    return {"run_id": run_id, "templates": current_templates(services.store, AGENTS)}
+        run_id = await asyncio.to_thread(services.store.start_run, query)
+    templates = await asyncio.to_thread(current_templates, services.store, AGENTS)
+    return {"run_id": run_id, "templates": templates, **FRESH}
 
 
 async def orchestrator(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict:
     """First visit: plan. Later visits (after each step): advance to the next step."""
-    if "plan" in state:
+    if state.get("plan"):
         return {"step": state["step"] + 1}
-    services = services_of(runtime)
+    services = await services_of(runtime)
     plan, note = await make_plan(state["query"], state["templates"]["orchestrator"], services, state.get("run_id"))
     return {"plan": plan.model_dump(), "plan_note": note, "step": 0, "results": {}, "datasets": {}}
 
@@ -74,17 +85,17 @@ def dispatch(state: WorkflowState) -> list[Send] | str:
 
 def _subagent_node(agent: str):
     async def node(payload: SubAgentInput, runtime: Runtime[WorkflowContext]) -> dict:
-        return await run_subagent(dict(payload), services_of(runtime))
+        return await run_subagent(dict(payload), await services_of(runtime))
 
     node.__name__ = agent
     return node
 
 
 async def aggregate_node(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dict:
-    services = services_of(runtime)
+    services = await services_of(runtime)
     answer = await aggregate(dict(state), state["templates"]["aggregate"], services)
     if services.store is not None and state.get("run_id"):
-        services.store.finish_run(state["run_id"], "ok", answer=answer)
+        await asyncio.to_thread(services.store.finish_run, state["run_id"], "ok", answer=answer)
     return {"answer": answer}
 
 

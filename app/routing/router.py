@@ -89,7 +89,8 @@ class Router:
             tool_choice=req.tool_choice, response_format=req.response_format,
             parallel_tool_calls=req.parallel_tool_calls,
         )
-        if finish_reason == "length" and verdict.valid and (req.tools or req.response_format):
+        if finish_reason == "length" and verdict.valid and (req.response_format or message.tool_calls):
+            # Structured output cut short may still parse (a closed prefix); it is not what was asked for.
             verdict = Verdict(False, "invalid_json", "output cut at max_tokens", (), None)
         info = CallInfo(
             call_id=uuid.uuid4().hex, route=route.name, binding=binding.name, template_id=req.meta("template_id"),
