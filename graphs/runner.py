@@ -38,7 +38,7 @@ def run_workflow(query: str, config_path: str | None = None, binding: str | None
 def _invoke(query: str, services: Services, run_id: str, progress: Any) -> dict[str, Any]:
     from graphs.workflow import graph
 
-    config = {"callbacks": run_callbacks(services.settings), "run_name": "slmswap run",
+    config = {"callbacks": run_callbacks(services.settings, run_id), "run_name": "slmswap run",
               "metadata": {"run_id": run_id}}
     context = WorkflowContext(services=services, run_id=run_id)
     if progress is None:

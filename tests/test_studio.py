@@ -135,7 +135,9 @@ def test_studio_serves_the_graph_node_by_node(server):
     store = CaptureStore.open(f"sqlite:///{workdir}/.slmswap/slmswap.db")
     try:
         calls = store.calls_for_run(state["run_id"])
-        assert sorted(c.agent for c in calls) == ["aggregate", "orchestrator", "processing", "retrieval", "validation"]
+        # the plan, two turns (tool call, answer) per sub-agent, the answer
+        assert sorted(c.agent for c in calls) == ["aggregate", "orchestrator", "processing", "processing",
+                                                  "retrieval", "retrieval", "validation", "validation"]
         assert store.get_run(state["run_id"]).status == "ok"
     finally:
         store.close()

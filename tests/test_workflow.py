@@ -30,6 +30,15 @@ def plan(*steps):
                        "steps": [{"tasks": [{"agent": a, "task": f"do {a}"} for a in step]} for step in steps]})
 
 
+def tool_then_text(call, text):
+    """A sub-agent's model: the tool call on its first turn (which must call a tool), then the text."""
+    return lambda req: text if any(m.role == "tool" for m in req.messages) else call
+
+
+REPORT = tool("report", title="Q4", sections=[{"heading": "Summary", "body": "done"}])
+CHECK = tool("validate_json_schema", value_json='{"a": 1}', schema_json='{"type": "object"}')
+
+
 def run(services, query="Analyze Q4 sales by region"):
     run_id = services.store.start_run(query)
     state = asyncio.run(graph.ainvoke({"query": query}, context=WorkflowContext(services=services, run_id=run_id)))
@@ -41,8 +50,12 @@ def test_plan_steps_tools_and_answer(services, scripted):
     scripted("retrieval").enqueue(
         tool("run_sql", query="SELECT region, SUM(amount) AS total FROM sales GROUP BY region", as_name="by_region"),
         "fetched by_region")
-    scripted("processing").default = "processed"
-    scripted("validation").default = "checked"
+    def processing(req):
+        name = next(w for w in req.messages[1].content.replace(":", " ").split() if w.endswith(".by_region"))
+        return tool_then_text(tool("top_k", dataset=name, by="total", k=2), "processed")(req)
+
+    scripted("processing").default = processing
+    scripted("validation").default = tool_then_text(CHECK, "checked")
     ds = {}
 
     def formatting(req):
@@ -59,36 +72,36 @@ def test_plan_steps_tools_and_answer(services, scripted):
     assert state["plan"]["parallel"] is True
     results = state["results"]
     assert {r["agent"] for r in results.values()} == {"retrieval", "processing", "validation", "formatting"}
-    assert all(r["ok"] for r in results.values())
+    assert all(r["ok"] for r in results.values()), results
     assert "| region" in state["answer"] and state["answer"].startswith("Sales by region")
     calls = services.store.calls_for_run(run_id)
-    # one row per model call: plan, retrieval x2, processing, validation, formatting x2, aggregate
-    assert len(calls) == 8
+    # one row per model call: plan, then two turns (tool, answer) for each of four sub-agents, then aggregate
+    assert len(calls) == 10
     assert {c.agent for c in calls} == set(AGENTS)
     assert all(c.template_id == f"{c.agent}/base@1" for c in calls)
     assert services.store.get_run(run_id).status == "ok"
 
 
 def test_parallel_tasks_of_a_step_run_concurrently(services, scripted):
-    scripted("orchestrator").enqueue(plan(["processing", "validation"]))
+    scripted("orchestrator").enqueue(plan(["formatting", "validation"]))
     started = []
 
-    def slow(name):
+    def slow(name, call):
         async def wait_for_sibling():
             # Each task's model waits until the other task has started: run one after the other, both time out.
             started.append(name)
             for _ in range(500):
                 if len(started) == 2:
-                    return f"{name} done"
+                    return call
                 await asyncio.sleep(0.01)
             raise TimeoutError(f"{name} ran alone")
 
-        return lambda req: wait_for_sibling()
+        return lambda req: f"{name} done" if any(m.role == "tool" for m in req.messages) else wait_for_sibling()
 
-    scripted("processing").default = slow("processing")
-    scripted("validation").default = slow("validation")
+    scripted("formatting").default = slow("formatting", REPORT)
+    scripted("validation").default = slow("validation", CHECK)
     state, _ = run(services)
-    assert sorted(started) == ["processing", "validation"]
+    assert sorted(started) == ["formatting", "validation"]
     assert len(state["results"]) == 2 and all(r["ok"] for r in state["results"].values())
 
 
@@ -141,6 +154,7 @@ def test_backend_error_fails_the_task_not_the_run(services, scripted):
 
     scripted("orchestrator").enqueue(plan(["retrieval"], ["formatting"]))
     scripted("retrieval").default = BackendError("azure:gpt-4o failed (HTTP 503): overloaded")
+    scripted("formatting").default = tool_then_text(REPORT, "formatted")
     state, run_id = run(services)
     assert not state["results"]["s0.0.retrieval"]["ok"]
     assert "HTTP 503" in state["answer"] and state["results"]["s1.0.formatting"]["ok"]

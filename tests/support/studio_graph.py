@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from graphs.workflow import graph
-from tests.support.scripted import scripted
+from tests.support.scripted import scripted, tool
 
 PLAN = {"sub_agents": ["retrieval", "processing", "validation"], "parallel": True, "aggregation_strategy": "report",
         "steps": [{"tasks": [{"agent": "retrieval", "task": "fetch sales by region"}]},
@@ -17,9 +17,25 @@ PLAN = {"sub_agents": ["retrieval", "processing", "validation"], "parallel": Tru
                              {"agent": "validation", "task": "check the totals"}]}]}
 ANSWER = "Scripted answer: the West region sold most."
 
+FIRST_TOOL = {  # each sub-agent must call one of its tools on its first turn
+    "retrieval": tool("run_sql", query="SELECT name FROM regions", as_name="regions"),
+    "processing": tool("top_k", dataset="s0.0.retrieval.regions", by="name", k=2),
+    "validation": tool("validate_json_schema", value_json="{}", schema_json='{"type": "object"}'),
+    "formatting": tool("report", title="t"),
+}
+
+
+def _agent_reply(agent: str):
+    def reply(req):
+        if any(m.role == "tool" for m in req.messages):
+            return f"{agent} done"
+        return FIRST_TOOL[agent]
+    return reply
+
+
 scripted("orchestrator").default = json.dumps(PLAN)
-for _agent in ("retrieval", "processing", "validation", "formatting"):
-    scripted(_agent).default = f"{_agent} done"
+for _agent in FIRST_TOOL:
+    scripted(_agent).default = _agent_reply(_agent)
 scripted("aggregate").default = ANSWER
 
 __all__ = ["graph", "PLAN", "ANSWER"]
