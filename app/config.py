@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.bindings import Binding, parse_binding
@@ -51,7 +51,7 @@ class WorkflowConfig(Section):
 
 class LangfuseConfig(Section):
     public_key: str | None = None
-    secret_key: str | None = None
+    secret_key: SecretStr | None = None  # never printed with the settings
     host: str | None = None
 
 

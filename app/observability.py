@@ -66,7 +66,7 @@ def off_message(settings: Settings, environ: Mapping[str, str] = os.environ) -> 
 def _key_values(settings: Settings, environ: Mapping[str, str]) -> tuple[str | None, str | None, str | None]:
     conf = settings.langfuse
     return (environ.get("LANGFUSE_PUBLIC_KEY") or conf.public_key,
-            environ.get("LANGFUSE_SECRET_KEY") or conf.secret_key,
+            environ.get("LANGFUSE_SECRET_KEY") or (conf.secret_key.get_secret_value() if conf.secret_key else None),
             environ.get("LANGFUSE_BASE_URL") or environ.get("LANGFUSE_HOST") or conf.host)
 
 
