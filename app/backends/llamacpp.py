@@ -1,0 +1,431 @@
+"""The `gguf:` backend: a local GGUF model through llama-cpp-python, decoding under an llguidance grammar.
+
+One `llama_cpp.Llama` is loaded per (file, lora, n_ctx) per process, lazily, and shared by every binding that
+names it; calls run in a worker thread and are serialised per model by a `threading.Lock` (callers may live on
+different event loops). Generation is our own token loop over `Llama.eval` and a llama.cpp sampler chain rather
+than `create_completion`: it lets the grammar's token mask be written straight into llama.cpp's logits buffer,
+lets tokens the grammar forces (JSON keys, closing tags) be evaluated in one batch without sampling, and reuses
+the KV cache for the prompt prefix the previous call shared (the system prompt and tools, on every agent call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import codecs
+import ctypes
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.backends import chat_format
+from app.backends.chat_format import Family, TOOL_OPEN
+from app.backends.grammar import TokenMask, ToolPlan, compiled_matcher, plan_tools, request_lark
+from app.bindings import Binding, GGUFOptions
+from app.errors import BackendError, MissingDependency, UsageError
+from app.local_models import resolve_model
+from app.wire import (AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, DeltaMessage,
+                      Usage)
+
+LLAMA_INSTALL = ('make install   (or build it without native flags and without pip\'s cache: CMAKE_ARGS="-DGGML_NATIVE=OFF" '
+                 'pip install --no-binary llama-cpp-python --no-cache-dir llama-cpp-python==0.3.36)')
+DEFAULT_MAX_TOKENS = 512
+# Small local models answer best greedy; an explicit temperature is honoured.
+DEFAULT_TEMPERATURE = 0.0
+# llama.cpp's own defaults for the sampled (temperature > 0) path: they keep a 135M model off the long tail.
+TOP_K, MIN_P = 40, 0.05
+
+
+def default_threads() -> int:
+    """Every core up to 8. llama-cpp-python's own default (half the cores) leaves a small machine half idle:
+    on a 2-core CI box it decodes SmolLM2 at ~78 tok/s on one thread."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependency(f"gguf: bindings need llama-cpp-python; run: {LLAMA_INSTALL}") from None
+    return llama_cpp
+
+
+# ---- loaded models -------------------------------------------------------------------------------------
+
+@dataclass
+class LocalModel:
+    """A loaded GGUF model with what decoding needs from it; use only while holding `lock`."""
+
+    llm: Any
+    family: Family
+    eog: frozenset[int]  # end-of-generation tokens (<|im_end|>, <end_of_turn>, <eos>, ...)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _pieces: dict[int, bytes] = field(default_factory=dict)
+    _tokenizer: Any = None
+
+    @property
+    def vocab(self) -> Any:
+        return import_llama_cpp().llama_model_get_vocab(self.llm.model)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (control tokens add none)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._to_piece(token, 64)
+        return piece
+
+    def _to_piece(self, token: int, size: int) -> bytes:
+        buf = ctypes.create_string_buffer(size)
+        n = import_llama_cpp().llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+        return self._to_piece(token, -n) if n < 0 else buf.raw[:n]  # n < 0: the size it needs
+
+    def tokenizer(self) -> Any:
+        """The llguidance tokenizer for this vocabulary, built on first constrained call (~0.2 s for SmolLM2)."""
+        if self._tokenizer is None:
+            from app.backends.grammar import import_llguidance
+
+            import_llguidance()
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            self._tokenizer = lltokenizer_from_vocab(self.vocab, eos_token=sorted(self.eog))
+        return self._tokenizer
+
+
+_MODELS: dict[tuple[str, str | None, int], LocalModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_model(path: Path, options: GGUFOptions) -> LocalModel:
+    """The process-wide LocalModel for this file, LoRA adapter and context size, loading it on first use.
+
+    Bindings that differ only in n_threads, n_gpu_layers or seed share the model the first of them loaded.
+    """
+    key = (str(path.resolve()), options.lora, options.n_ctx)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _MODELS[key] = _load(path, options)
+        return model
+
+
+def _load(path: Path, options: GGUFOptions) -> LocalModel:
+    llama_cpp = import_llama_cpp()
+    if options.lora and not Path(options.lora).expanduser().is_file():
+        raise MissingDependency(f"LoRA adapter not found: {options.lora}; give the path of a GGUF LoRA file")
+    try:
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=options.n_ctx, n_threads=options.n_threads or default_threads(), n_gpu_layers=options.n_gpu_layers,
+            seed=options.seed, lora_path=str(Path(options.lora).expanduser()) if options.lora else None,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise BackendError(
+            f"llama.cpp could not load {path}: {exc}; is it a GGUF file (and the LoRA one made for it)?"
+        ) from None
+    return LocalModel(llm=llm, family=chat_format.family_of(llm.metadata), eog=_eog_tokens(llm))
+
+
+def _eog_tokens(llm: Any) -> frozenset[int]:
+    llama_cpp = import_llama_cpp()
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return frozenset(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+
+
+# ---- one generation ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_request(cls, req: ChatRequest, default_seed: int = 0) -> Sampling:
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        return cls(
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=default_seed if req.seed is None else req.seed,
+            max_tokens=req.token_limit(DEFAULT_MAX_TOKENS),
+            stop=tuple(s for s in stop if s),
+        )
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+OnText = Callable[[str], bool]  # gets the text so far; returns False to stop generating
+
+
+def generate(model: LocalModel, prompt: str, sampling: Sampling, mask: TokenMask | None = None,
+             on_text: OnText | None = None, fast_forward: bool = True) -> Generation:
+    """Decode a reply to `prompt` token by token; the caller holds `model.lock`.
+
+    `fast_forward=False` samples every token even where the grammar forces it (for benchmarks).
+    """
+    llm = model.llm
+    tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    budget = _budget(llm, len(tokens), sampling.max_tokens)
+    _prefill(llm, tokens)
+    sampler = _sampler(sampling)
+    try:
+        text, n, finish = _Decoder(model, sampler, mask, on_text, fast_forward).run(budget, sampling.stop)
+    finally:
+        sampler.close()
+    return Generation(text, len(tokens), n, finish)
+
+
+def _budget(llm: Any, n_prompt: int, max_tokens: int) -> int:
+    # llama.cpp may raise a tiny n_ctx to its minimum (256) while llama-cpp-python sized its buffers to the request.
+    n_ctx = min(llm.n_ctx(), len(llm.input_ids))
+    if n_prompt >= n_ctx:
+        raise UsageError(
+            f"the prompt is {n_prompt} tokens, more than the model's context of {n_ctx}; shorten it or "
+            "raise n_ctx in the binding (e.g. gguf:smollm2-135m?n_ctx=8192)"
+        )
+    return min(max_tokens, n_ctx - n_prompt)
+
+
+def _prefill(llm: Any, tokens: list[int]) -> None:
+    """Evaluate the prompt, keeping the KV cache for the prefix the previous call shared with it."""
+    previous = llm._input_ids
+    n = min(len(previous), len(tokens))
+    differ = np.flatnonzero(previous[:n] != np.asarray(tokens[:n], dtype=previous.dtype))
+    keep = min(int(differ[0]) if differ.size else n, len(tokens) - 1)  # re-evaluate >= 1 token for fresh logits
+    # Sliding-window caches (Gemma 3) may refuse a partial removal; then start from scratch.
+    if keep > 0 and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+        keep = 0
+    llm.n_tokens = keep
+    llm.eval(tokens[keep:])
+
+
+def _sampler(sampling: Sampling) -> Any:
+    from llama_cpp._internals import LlamaSampler
+
+    sampler = LlamaSampler()
+    if sampling.temperature <= 0:
+        sampler.add_greedy()
+        return sampler
+    sampler.add_top_k(TOP_K)
+    sampler.add_top_p(sampling.top_p, 1)
+    sampler.add_min_p(MIN_P, 1)
+    sampler.add_temp(sampling.temperature)
+    sampler.add_dist(sampling.seed)
+    return sampler
+
+
+@dataclass
+class _Decoder:
+    model: LocalModel
+    sampler: Any
+    mask: TokenMask | None
+    on_text: OnText | None
+    fast_forward: bool
+
+    def run(self, budget: int, stop: tuple[str, ...]) -> tuple[str, int, str]:
+        """(text, tokens generated, finish reason) for up to `budget` tokens."""
+        llm, out, n = self.model.llm, _TextOut(stop), 0
+        while n < budget:
+            token = self._sample()
+            if token in self.model.eog:
+                return out.finish(), n, "stop"
+            new = self._advance(token, budget - n - 1)
+            n += len(new)
+            if out.add(b"".join(self.model.piece(t) for t in new)) or self._ends(out.text):
+                return out.finish(), n, "stop"
+            llm.eval(new)
+        return out.finish(), n, "length"
+
+    def _sample(self) -> int:
+        if self.mask is not None:
+            self.mask.apply(_last_logits(self.model.llm))
+        return self.sampler.sample(self.model.llm._ctx, -1)
+
+    def _advance(self, token: int, room: int) -> list[int]:
+        """The sampled token plus, when fast-forwarding, the tokens the grammar then forces (at most `room`)."""
+        if self.mask is None:
+            return [token]
+        self.mask.consume(token)
+        forced = self.mask.forced()[:room] if self.fast_forward and not self.mask.done else []
+        for t in forced:
+            self.mask.consume(t)
+        return [token, *forced]
+
+    def _ends(self, text: str) -> bool:
+        if self.mask is not None and self.mask.done:
+            return True
+        return self.on_text is not None and not self.on_text(text)
+
+
+def _last_logits(llm: Any) -> Any:
+    ptr = import_llama_cpp().llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+class _TextOut:
+    """Decoded text so far, cut at the first stop string."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.text = ""
+        self.cut = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, data: bytes) -> bool:
+        """Append bytes; True when a stop string appeared (the text is cut before it)."""
+        start = len(self.text)
+        self.text += self._decoder.decode(data)
+        for s in self.stop:
+            at = self.text.find(s, max(0, start - len(s) + 1))
+            if at >= 0:
+                self.text, self.cut = self.text[:at], True
+        return self.cut
+
+    def finish(self) -> str:
+        if not self.cut:
+            self.text += self._decoder.decode(b"", final=True)
+        return self.text
+
+
+# ---- the backend ---------------------------------------------------------------------------------------
+
+class LlamaCppBackend:
+    """`gguf:<alias or path>`: answers chat requests with a local GGUF model.
+
+    >>> from app.bindings import parse_binding
+    >>> backend = LlamaCppBackend(parse_binding("gguf:smollm2-135m"))   # loads nothing yet
+    """
+
+    def __init__(self, binding: Binding):
+        self.binding = binding
+        self.options: GGUFOptions = binding.options  # type: ignore[assignment]
+        self._model: LocalModel | None = None
+
+    def model(self) -> LocalModel:
+        if self._model is None:
+            self._model = load_model(resolve_model(self.binding.target), self.options)
+        return self._model
+
+    async def complete(self, req: ChatRequest) -> ChatResponse:
+        gen, plan = await asyncio.to_thread(self.run, req)
+        return to_response(gen, plan, self.binding.name)
+
+    def run(self, req: ChatRequest, on_text: OnText | None = None) -> tuple[Generation, ToolPlan]:
+        """Generate synchronously (in the caller's thread): the text and the tool plan it was decoded under."""
+        plan = plan_tools(req)
+        lark = request_lark(req)
+        model = self.model()
+        prompt = chat_format.render_prompt(req.messages, plan.functions, model.family)
+        sampling = Sampling.from_request(req, self.options.seed)
+        with model.lock:
+            mask = _mask(model, lark) if lark else None
+            return generate(model, prompt, sampling, mask, on_text), plan
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+        streamer = _Streamer(self, req)
+        async for chunk in streamer.chunks():
+            yield chunk
+
+
+def _mask(model: LocalModel, lark: str) -> TokenMask:
+    tokenizer = model.tokenizer()
+    return TokenMask(compiled_matcher(tokenizer, lark), tokenizer.vocab_size)
+
+
+def to_response(gen: Generation, plan: ToolPlan, model_name: str) -> ChatResponse:
+    """The OpenAI response for a generation: tool calls parsed out when the request offered tools."""
+    content, calls = chat_format.parse_tool_calls(gen.text) if plan.mode != "none" else (gen.text, [])
+    finish = "tool_calls" if calls and gen.finish_reason != "length" else gen.finish_reason
+    message = AssistantMessage(content=content, tool_calls=calls or None)
+    return ChatResponse(model=model_name, choices=[Choice(message=message, finish_reason=finish)], usage=_usage(gen))
+
+
+def _usage(gen: Generation) -> Usage:
+    total = gen.prompt_tokens + gen.completion_tokens
+    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens, total_tokens=total)
+
+
+# ---- streaming -----------------------------------------------------------------------------------------
+
+class _Streamer:
+    """Runs one generation in a worker thread and turns its growing text into OpenAI chunks.
+
+    Text is streamed as it is decoded, except a tail that could still become a stop string or a `<tool_call>`
+    marker; once a marker appears the rest is collected and sent as tool-call deltas at the end.
+    """
+
+    def __init__(self, backend: LlamaCppBackend, req: ChatRequest):
+        self.backend, self.req = backend, req
+        self.plan = plan_tools(req)
+        self.markers = [*Sampling.from_request(req).stop, *([TOOL_OPEN] if self.plan.mode != "none" else [])]
+        self.cancelled = threading.Event()
+        self.sent = 0  # characters of text already streamed
+        self.collecting = False  # a tool-call marker was seen: hold the rest back
+        self.id = ChatResponse(choices=[]).id
+
+    async def chunks(self) -> AsyncIterator[ChatChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def on_text(text: str) -> bool:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+            except RuntimeError:  # the consumer's loop is gone
+                return False
+            return not self.cancelled.is_set()
+
+        task = asyncio.ensure_future(asyncio.to_thread(self.backend.run, self.req, on_text))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            yield self._chunk(DeltaMessage(role="assistant", content=""))
+            while (text := await queue.get()) is not None:
+                if delta := self._safe_delta(text):
+                    yield self._chunk(DeltaMessage(content=delta))
+            gen, plan = task.result()
+            for chunk in self._final(to_response(gen, plan, self.backend.binding.name)):
+                yield chunk
+        finally:
+            self.cancelled.set()  # a consumer that went away stops the worker at its next token
+
+    def _safe_delta(self, text: str) -> str:
+        if self.collecting:
+            return ""
+        if TOOL_OPEN in self.markers and (at := text.find(TOOL_OPEN, max(0, self.sent - len(TOOL_OPEN)))) >= 0:
+            self.collecting = True
+            end = at
+        else:
+            end = len(text) - chat_format.held_back(text, self.markers)
+        delta, self.sent = text[self.sent:end], max(self.sent, end)
+        return delta
+
+    def _final(self, response: ChatResponse) -> list[ChatChunk]:
+        choice = response.choices[0]
+        chunks = []
+        if choice.message.tool_calls:
+            chunks += [self._chunk(DeltaMessage(tool_calls=_call_deltas(i, c))) for i, c in
+                       enumerate(choice.message.tool_calls)]
+        elif rest := (choice.message.content or "")[self.sent:]:
+            chunks.append(self._chunk(DeltaMessage(content=rest)))
+        last = self._chunk(DeltaMessage(), finish_reason=choice.finish_reason)
+        last.usage = response.usage
+        return [*chunks, last]
+
+    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None) -> ChatChunk:
+        return ChatChunk(id=self.id, model=self.backend.binding.name,
+                         choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+
+
+def _call_deltas(index: int, call: Any) -> list[dict[str, Any]]:
+    return [{"index": index, "id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]
