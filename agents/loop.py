@@ -33,7 +33,9 @@ async def run_tool_loop(model: Any, messages: list[BaseMessage], tools: list, ct
     last_error: str | None = None
     for turn in range(max_turns):
         # The first turn must use a tool (every sub-agent works through its tools); later turns may answer.
-        ai = await model.bind_tools(schemas, tool_choice="required" if turn == 0 else "auto").ainvoke(messages)
+        # One call per turn: a small model asked for parallel calls repeats its first one until max_tokens.
+        ai = await model.bind_tools(schemas, tool_choice="required" if turn == 0 else "auto",
+                                    parallel_tool_calls=False).ainvoke(messages)
         messages.append(ai)
         if problem := invalid_output(ai):
             return LoopOutcome(False, _text(ai), problem, calls, artifacts)

@@ -7,8 +7,12 @@ from typing import Any
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from agents.plan import Plan, default_plan, normalise
+from agents.tools.formatting import render_table
+from agents.tools.tables import columns_of
 
 PLAN_TOKENS = 512
+SUMMARY_PENALTY = 0.5
+TABLE_ROWS = 20
 
 
 async def make_plan(query: str, template: dict[str, str], services: Any, run_id: str | None) -> tuple[Plan, str | None]:
@@ -27,10 +31,12 @@ async def make_plan(query: str, template: dict[str, str], services: Any, run_id:
 async def aggregate(state: dict[str, Any], template: dict[str, str], services: Any) -> str:
     """The final answer: the model's summary of the results, the formatted output, and any failures reported."""
     results = list((state.get("results") or {}).values())
-    model = services.chat_model("aggregate", template["id"], state.get("run_id"))
+    # A mild frequency penalty: small models otherwise repeat their last sentence until max_tokens.
+    model = services.chat_model("aggregate", template["id"], state.get("run_id")).bind(frequency_penalty=SUMMARY_PENALTY)
     summary = await model.ainvoke([SystemMessage(template["text"]),
                                    HumanMessage(f"User request: {state['query']}\n\nResults:\n{results_text(results)}")])
-    return compose_answer(summary.content if isinstance(summary.content, str) else "", results, state.get("plan_note"))
+    text = summary.content if isinstance(summary.content, str) else ""
+    return compose_answer(text, results, state.get("plan_note"), state.get("datasets") or {})
 
 
 def results_text(results: list[dict[str, Any]]) -> str:
@@ -38,12 +44,16 @@ def results_text(results: list[dict[str, Any]]) -> str:
                      f"{(r['output'] or r['error'] or '')[:600]}" for r in results) or "(no results)"
 
 
-def compose_answer(summary: str, results: list[dict[str, Any]], plan_note: str | None) -> str:
-    """Summary first; then what formatting produced; then every failure, so none goes unreported."""
-    parts = [summary.strip() or "No summary was produced."]
+def compose_answer(summary: str, results: list[dict[str, Any]], plan_note: str | None,
+                   datasets: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """Summary first; then what formatting produced (or, without it, the last dataset as a table); then every
+    failure, so none goes unreported."""
+    parts = [collapse_repeats(summary.strip()) or "No summary was produced."]
+    formatted = []
     for r in results:
         if r["agent"] == "formatting" and r["ok"]:
-            parts += r.get("artifacts") or ([r["output"].strip()] if r["output"] else [])
+            formatted += r.get("artifacts") or ([r["output"].strip()] if r["output"] else [])
+    parts += formatted or final_table(results, datasets or {})
     failures = [r for r in results if not r["ok"]]
     if failures:
         parts.append("Not completed:\n" + "\n".join(
@@ -51,3 +61,26 @@ def compose_answer(summary: str, results: list[dict[str, Any]], plan_note: str |
     if plan_note:
         parts.append(f"Note: {plan_note}")
     return "\n\n".join(parts)
+
+
+def final_table(results: list[dict[str, Any]], datasets: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The newest dataset of the latest successful task, as a markdown table (empty when there is none)."""
+    for r in sorted(results, key=lambda r: r["task_id"], reverse=True):
+        names = [n for n in r.get("datasets") or [] if datasets.get(n)]
+        if r["ok"] and names:
+            rows = datasets[names[-1]]
+            return [f"{names[-1].rsplit('.', 1)[-1]}:\n\n" + render_table(rows, columns_of(rows), TABLE_ROWS)]
+    return []
+
+
+def collapse_repeats(text: str) -> str:
+    """Drop lines that repeat an earlier non-blank line: a small model's loop shows once, not forty times."""
+    seen: set[str] = set()
+    kept = []
+    for line in text.splitlines():
+        key = line.strip()
+        if key and key in seen:
+            continue
+        seen.add(key)
+        kept.append(line)
+    return "\n".join(kept).strip()

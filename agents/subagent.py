@@ -43,7 +43,7 @@ async def run_subagent(payload: dict[str, Any], services: Any) -> dict[str, Any]
     result = {"task_id": tid, "agent": agent, "task": payload["task"], "ok": outcome.ok, "output": outcome.output,
               "error": outcome.error, "attempts": attempts, "tool_calls": outcome.tool_calls,
               "artifacts": outcome.artifacts,
-              "datasets": sorted(new), "template_id": template["id"]}
+              "datasets": list(new), "template_id": template["id"]}
     return {"results": {tid: result}, "datasets": new}
 
 

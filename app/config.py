@@ -44,7 +44,7 @@ class RouteConfig(Section):
 class WorkflowConfig(Section):
     max_tool_turns: int = Field(4, ge=1, le=20)
     max_retries: int = Field(1, ge=0, le=5)
-    max_tokens: int = Field(256, ge=16)
+    max_tokens: int = Field(384, ge=16)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     data_db: str = ".slmswap/sales.db"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.backends import grammar
-from app.backends.grammar import (TokenMask, ToolPlan, answer_schema, call_schema, compiled_matcher, plan_tools,
+from app.backends.grammar import (STRING_LIMIT, TokenMask, ToolPlan, answer_schema, call_schema, compiled_matcher, plan_tools,
                                   request_lark, tame, tool_calls_lark)
 from app.errors import UsageError
 from app.wire import ChatRequest
@@ -53,9 +53,19 @@ def test_answer_schema_per_response_format():
     assert answer_schema({"type": "json_object"}) == {"type": "object"}
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     assert answer_schema({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}) == {
-        **schema, "additionalProperties": False}
+        "type": "object", "properties": {"a": {"type": "string", "maxLength": STRING_LIMIT}},
+        "additionalProperties": False}
     with pytest.raises(UsageError, match="json_schema"):
         answer_schema({"type": "yaml"})
+
+
+def test_tame_bounds_free_strings_only():
+    out = tame({"type": "object", "properties": {
+        "free": {"type": "string"}, "short": {"type": "string", "maxLength": 5},
+        "choice": {"type": "string", "enum": ["a", "b"]}, "code": {"type": "string", "pattern": "^[A-Z]+$"}}})
+    props = out["properties"]
+    assert props["free"]["maxLength"] == STRING_LIMIT and props["short"]["maxLength"] == 5
+    assert "maxLength" not in props["choice"] and "maxLength" not in props["code"]
 
 
 def test_tame_forbids_invented_keys_but_keeps_free_maps_and_values():

@@ -161,6 +161,19 @@ def test_stop_string_cuts_the_answer(smol):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_frequency_penalty_breaks_repetition(smol):
+    prompt = "Write the word 'sales' fifty times."
+    plain = complete(smol, ask(prompt, max_tokens=60)).message.content
+    penalised = complete(smol, ask(prompt, max_tokens=60, frequency_penalty=1.5)).message.content
+
+    def most_common_share(text):
+        words = text.lower().split()
+        return max(words.count(w) for w in set(words)) / len(words)
+
+    assert penalised != plain
+    assert most_common_share(penalised) < most_common_share(plain)
+
+
 def test_tool_choice_required_gives_valid_calls(smol):
     resp = complete(smol, ask(BOTH, tools=TOOLS, tool_choice="required", max_tokens=120))
     assert resp.choices[0].finish_reason == "tool_calls" and resp.message.content is None

@@ -385,3 +385,15 @@ def test_tool_names_are_unique_and_agents_get_their_lists():
     assert enums["filter_rows"]["properties"]["op"]["enum"] == ["=", "!=", ">", ">=", "<", "<=", "contains"]
     assert enums["aggregate"]["properties"]["metrics"]["items"]["properties"]["fn"]["enum"] == [
         "sum", "avg", "min", "max", "count"]
+
+
+def test_a_bare_name_finds_the_dataset_an_earlier_step_saved_under_its_task_id(tmp_path):
+    from agents.tools import ToolContext, run_tool, PROCESSING_TOOLS
+
+    ctx = ToolContext(db_path=tmp_path / "none.db", datasets={
+        "s0.0.retrieval.by_region": [{"region": "North", "total": 5}, {"region": "South", "total": 9}],
+        "s0.1.retrieval.other": [], "s0.2.retrieval.other": []})
+    result = run_tool(PROCESSING_TOOLS, "top_k", {"dataset": "by_region", "by": "total", "k": 1}, ctx)
+    assert result.ok and ctx.datasets[result.dataset] == [{"region": "South", "total": 9}]
+    ambiguous = run_tool(PROCESSING_TOOLS, "top_k", {"dataset": "other", "by": "x", "k": 1}, ctx)
+    assert not ambiguous.ok and "s0.1.retrieval.other" in ambiguous.content

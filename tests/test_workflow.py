@@ -158,3 +158,17 @@ def test_backend_error_fails_the_task_not_the_run(services, scripted):
     state, run_id = run(services)
     assert not state["results"]["s0.0.retrieval"]["ok"]
     assert "HTTP 503" in state["answer"] and state["results"]["s1.0.formatting"]["ok"]
+
+
+def test_answer_collapses_a_small_models_repeated_lines():
+    from agents.orchestrator import collapse_repeats
+
+    assert collapse_repeats("Sales: 5 rows\nSales: 5 rows\n\nNorth leads.\nSales: 5 rows") == "Sales: 5 rows\n\nNorth leads."
+
+
+def test_without_a_formatting_step_the_answer_shows_the_last_dataset(services, scripted):
+    scripted("orchestrator").enqueue(plan(["retrieval"]))
+    scripted("retrieval").default = tool_then_text(
+        tool("run_sql", query="SELECT name AS region FROM regions ORDER BY name", as_name="regions"), "got regions")
+    state, _ = run(services)
+    assert "regions:" in state["answer"] and "| region |" in state["answer"] and "| West |" in state["answer"]

@@ -13,10 +13,19 @@ PREVIEW_ROWS = 5
 
 
 def get_rows(ctx: ToolContext, name: str) -> list[Row]:
-    if name not in ctx.datasets:
-        known = ", ".join(ctx.datasets) or "none yet (run a query first)"
-        raise ToolError(f"no dataset named '{name}'. Datasets: {known}.")
-    return ctx.datasets[name]
+    return ctx.datasets[resolve_name(ctx, name)]
+
+
+def resolve_name(ctx: ToolContext, name: str) -> str:
+    """The dataset `name` means: itself, or the one dataset an earlier step saved as `<task id>.<name>`
+    (agents read bare names in earlier results; the workflow prefixes them so parallel tasks never collide)."""
+    if name in ctx.datasets:
+        return name
+    matches = [known for known in ctx.datasets if known.endswith("." + name)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(ctx.datasets) or "none yet (run a query first)"
+    raise ToolError(f"no dataset named '{name}'. Datasets: {known}.")
 
 
 def columns_of(rows: list[Row]) -> list[str]:

@@ -27,6 +27,9 @@ from app.wire import ChatRequest
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 LLGUIDANCE_INSTALL = "pip install llguidance"
 NUMBER_LIMIT = 10**18 - 1
+# Characters, ~130 tokens of English: a longer free string from a small model is a loop, not an answer.
+STRING_LIMIT = 512
+STRING_BOUNDED = {"maxLength", "enum", "const", "pattern", "format"}
 LITERAL_KEYS = ("const", "enum", "default", "examples")  # their values are data, not schemas
 
 ToolMode = Literal["none", "auto", "required", "named"]
@@ -101,7 +104,8 @@ def tame(schema: Any) -> Any:
     Every object that lists `properties` forbids other keys unless it says otherwise (small models invent
     argument names; OpenAI's strict mode forbids them too); objects without `properties` (free-form maps) stay
     open. Numbers without bounds get 18-digit ones: unbounded, a model can write `1000000...` until max_tokens
-    and the output no longer parses (Gemma-3-270M does exactly that).
+    and the output no longer parses (Gemma-3-270M does exactly that). Free strings get a length bound for the same
+    reason: SmolLM2 repeats `_2024_2024...` inside a SQL string until the call is cut and does not parse.
     """
     if isinstance(schema, list):
         return [tame(s) for s in schema]
@@ -116,6 +120,8 @@ def tame(schema: Any) -> Any:
             out["minimum"] = -NUMBER_LIMIT
         if "maximum" not in schema and "exclusiveMaximum" not in schema:
             out["maximum"] = NUMBER_LIMIT
+    if schema.get("type") == "string" and not STRING_BOUNDED.intersection(schema):
+        out["maxLength"] = STRING_LIMIT
     return out
 
 

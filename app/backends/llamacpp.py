@@ -38,6 +38,7 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.0
 # llama.cpp's own defaults for the sampled (temperature > 0) path: they keep a 135M model off the long tail.
 TOP_K, MIN_P = 40, 0.05
+PENALTY_WINDOW = 256
 
 
 def default_threads() -> int:
@@ -144,6 +145,8 @@ class Sampling:
     seed: int = 0
     max_tokens: int = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     @classmethod
     def from_request(cls, req: ChatRequest, default_seed: int = 0) -> Sampling:
@@ -154,6 +157,8 @@ class Sampling:
             seed=default_seed if req.seed is None else req.seed,
             max_tokens=req.token_limit(DEFAULT_MAX_TOKENS),
             stop=tuple(s for s in stop if s),
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
         )
 
 
@@ -178,7 +183,7 @@ def generate(model: LocalModel, prompt: str, sampling: Sampling, mask: TokenMask
     tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
     budget = _budget(llm, len(tokens), sampling.max_tokens)
     _prefill(llm, tokens)
-    sampler = _sampler(sampling)
+    sampler = _sampler(sampling, llm.n_vocab())
     try:
         text, n, finish = _Decoder(model, sampler, mask, on_text, fast_forward).run(budget, sampling.stop)
     finally:
@@ -210,10 +215,13 @@ def _prefill(llm: Any, tokens: list[int]) -> None:
     llm.eval(tokens[keep:])
 
 
-def _sampler(sampling: Sampling) -> Any:
+def _sampler(sampling: Sampling, n_vocab: int) -> Any:
     from llama_cpp._internals import LlamaSampler
 
     sampler = LlamaSampler()
+    if sampling.frequency_penalty or sampling.presence_penalty:
+        # OpenAI's penalties over the generated tokens (llama.cpp looks back PENALTY_WINDOW tokens).
+        sampler.add_penalties(n_vocab, PENALTY_WINDOW, 1.0, sampling.frequency_penalty, sampling.presence_penalty)
     if sampling.temperature <= 0:
         sampler.add_greedy()
         return sampler
