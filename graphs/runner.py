@@ -21,6 +21,7 @@ def run_workflow(query: str, config_path: str | None = None, binding: str | None
     run_id = services.store.start_run(query)
     try:
         state = _invoke(query, services, run_id, progress)
+        calls = [call_summary(c) for c in services.store.calls_for_run(run_id)]
     except KeyboardInterrupt:
         services.store.finish_run(run_id, "interrupted", error="interrupted by the user")
         raise
@@ -29,8 +30,7 @@ def run_workflow(query: str, config_path: str | None = None, binding: str | None
         raise
     finally:
         flush()
-    calls = [call_summary(c) for c in services.store.calls_for_run(run_id)]
-    services.close()
+        services.close()
     return {"answer": state["answer"], "plan": state["plan"], "results": state.get("results", {}),
             "calls": calls, "run_id": run_id}
 
