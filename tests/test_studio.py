@@ -129,7 +129,7 @@ def test_studio_serves_the_graph_node_by_node(server):
     assert names[:3] == ["prompt", "orchestrator", "retrieval"]
     assert names[3] == "orchestrator" and sorted(names[4:6]) == ["processing", "validation"]
     assert names[6:] == ["orchestrator", "aggregate"]
-    assert state["answer"] == ANSWER and state["plan"] == PLAN
+    assert state["answer"].startswith(ANSWER) and state["plan"] == PLAN
     assert all(r["ok"] for r in state["results"].values()) and len(state["results"]) == 3
     # The server used the store of its working directory, as the CLI does there.
     store = CaptureStore.open(f"sqlite:///{workdir}/.slmswap/slmswap.db")
