@@ -81,6 +81,29 @@ def studio(
     raise typer.Exit(run_studio(port, config))
 
 
+@app.command("eval")
+def eval_cmd(
+    suite: str = typer.Option(..., "--suite", "-s", help="bfcl:<category>, captured:<agent>, jsonl:<path> or workflow:<path>."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="A binding to evaluate; repeat for more (the first is the reference)."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate at most N items."),
+    offset: int = typer.Option(0, "--offset", help="Skip the first K items."),
+    decoding: str = typer.Option("constrained", "--decoding", help="constrained (grammar for local models) or free."),
+    template: str | None = typer.Option(None, "--template", help="A template id to use as the system prompt."),
+    out_dir: str | None = typer.Option(None, "--out", help="Output folder (default .slmswap/eval/<suite>-<time>)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Token limit per answer."),
+    config: str | None = ConfigOpt,
+) -> None:
+    """Score models on a suite; writes items.jsonl, summary.json, report.md and report.png to --out.
+
+    Example: slmswap eval --suite bfcl:simple_python --model gguf:smollm2-135m --limit 50 --out /tmp/e
+    """
+    from training.evaluate import EvalOptions, run_eval
+
+    options = EvalOptions(suite=suite, models=tuple(model), limit=limit, offset=offset, decoding=decoding,
+                          template=template, out=out_dir, config=config, max_tokens=max_tokens)
+    run_eval(options, console=out, progress=err)
+
+
 @calls_app.command("list")
 def calls_list(
     agent: str | None = typer.Option(None, "--agent", help="Only this agent's calls."),
