@@ -1,6 +1,8 @@
-"""transformers (+ a peft adapter when the path holds one) for `hf:<path>` bindings; Unsloth only when CUDA is there.
+"""transformers (+ a peft adapter when the path holds one) for `hf:<path>` bindings.
 
-Thin for now (plain text and free JSON, no grammar); the training issue completes it. torch and transformers are
+`<path>` is a model or peft adapter directory, a `.gguf` file, or a built-in GGUF alias (`hf:smollm2-135m`):
+transformers loads GGUF files directly, dequantised, so the weights llama.cpp serves can be run (and fine-tuned) on
+CPU. Thin for now: plain text, no grammar, no Unsloth (the training issue completes it). torch and transformers are
 imported on first use, so the base install never needs them.
 """
 
@@ -27,7 +29,7 @@ class HFBackend:
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
             if self._loaded is None:
-                self._loaded = load_model(Path(self.binding.target), self.binding.options.device)
+                self._loaded = load_model(model_path(self.binding.target), self.binding.options.device)
             return self._loaded
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
@@ -43,7 +45,8 @@ class HFBackend:
 
         model, tokenizer = self._load()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"].to(model.device)
         with self._lock, torch.no_grad():
             out = model.generate(ids, max_new_tokens=req.token_limit(), do_sample=bool(req.temperature),
                                  temperature=req.temperature or None)
@@ -51,6 +54,13 @@ class HFBackend:
         text = tokenizer.decode(new, skip_special_tokens=True)
         usage = Usage(prompt_tokens=ids.shape[1], completion_tokens=len(new), total_tokens=ids.shape[1] + len(new))
         return ChatResponse(created=int(time.time()), choices=[Choice(message=AssistantMessage(content=text))], usage=usage)
+
+
+def model_path(target: str) -> Path:
+    """A built-in alias's GGUF file, or the target as a path."""
+    from app.local_models import ALIASES, resolve_model
+
+    return resolve_model(target) if target in ALIASES else Path(target)
 
 
 def load_model(path: Path, device: str) -> tuple[Any, Any]:
@@ -61,7 +71,12 @@ def load_model(path: Path, device: str) -> tuple[Any, Any]:
     except ImportError:
         raise MissingDependency("hf: bindings need the train extra: pip install -e '.[train]' (or make test)") from None
     if not path.exists():
-        raise MissingDependency(f"hf:{path}: no such directory; give a transformers model or peft adapter directory")
+        raise MissingDependency(f"hf:{path}: no such file or directory; give a transformers model or peft adapter "
+                                "directory, a .gguf file, or an alias (smollm2-135m, gemma3-270m)")
+    if path.suffix == ".gguf":
+        gguf = {"gguf_file": path.name}
+        return (AutoModelForCausalLM.from_pretrained(path.parent, **gguf).eval(),
+                AutoTokenizer.from_pretrained(path.parent, **gguf))
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
