@@ -52,22 +52,18 @@ def chat_path(target, max_tokens: int) -> Run:
     return run
 
 
-def make_router():
-    try:
-        from app.config import load_settings
-        from app.routing.router import Router
-    except ImportError as exc:  # TODO(lead): bench the Router here once it imports
-        print(f"(router skipped: {exc})")
-        return None
-    return Router(load_settings(), store=None)  # with no config every route is bound to gguf:smollm2-135m
+def make_router(binding: str):
+    from app.config import load_settings
+    from app.routing.router import Router
+
+    return Router(load_settings().bound_to(binding), store=None)
 
 
 async def main(rounds: int, max_tokens: int, binding: str) -> None:
     backend = LlamaCppBackend(parse_binding(binding))
     llm = backend.model().llm
     paths = {"raw": raw_path(llm, max_tokens), "backend": chat_path(backend, max_tokens)}
-    if (router := make_router()) is not None:
-        paths["router"] = chat_path(router, max_tokens)
+    paths["router"] = chat_path(make_router(binding), max_tokens)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     await paths["raw"]("warm up")
     for r in range(rounds):
@@ -91,7 +87,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama-cpp-python's)")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the backend's, every core up to 8)")
     args = parser.parse_args()
     binding = "gguf:smollm2-135m" + (f"?n_threads={args.threads}" if args.threads else "")
     asyncio.run(main(args.rounds, args.max_tokens, binding))

@@ -12,6 +12,8 @@ drives llama.cpp the same way (run back to back, order alternating, median of pe
                                (what `create_completion(logits_processor=...)` runs)
   lcp: llama.cpp GBNF          `Llama.generate(grammar=LlamaGrammar.from_json_schema(...))`
         vs lcp: free           `Llama.generate` with no grammar
+  router: constrained          `Router.complete` with the schema as response_format (what every caller gets)
+        vs router: free        the same request with `decoding="free"` (it stops at EOS: tokens/s, not time)
 
 Target: constrained / free >= 0.9. The free paths ignore end-of-sequence and run to --max-tokens (about the
 length of the constrained JSON), so every path decodes about as many tokens at about the same context length.
@@ -96,6 +98,25 @@ def _processor(mask: TokenMask, n_prompt: int):
     return process
 
 
+def through_router(max_tokens: int, decoding: str) -> Path:
+    import asyncio
+
+    from app.config import load_settings
+    from app.routing.router import Router
+    from app.wire import ChatRequest
+
+    router = Router(load_settings().bound_to("gguf:smollm2-135m"), store=None)
+    req = ChatRequest(model="bench", messages=[{"role": "user", "content": QUESTION}], max_tokens=max_tokens,
+                      temperature=0, decoding=decoding,
+                      response_format={"type": "json_schema", "json_schema": {"name": "people", "schema": SCHEMA}})
+
+    def run() -> tuple[int, float]:
+        started = time.perf_counter()
+        resp = asyncio.run(router.complete(req))
+        return resp.usage.completion_tokens, time.perf_counter() - started
+    return run
+
+
 def main(rounds: int, max_tokens: int) -> None:
     model = LlamaCppBackend(parse_binding("gguf:smollm2-135m")).model()
     prompt = chat_format.render_prompt([Message(role="user", content=QUESTION)], [], model.family)
@@ -106,6 +127,8 @@ def main(rounds: int, max_tokens: int) -> None:
         "lcp: free": lcp_generate(model, prompt, max_tokens, "free"),
         "lcp: llguidance processor": lcp_generate(model, prompt, max_tokens, "llg"),
         "lcp: llama.cpp GBNF": lcp_generate(model, prompt, max_tokens, "gbnf"),
+        "router: free": through_router(max_tokens, "free"),
+        "router: constrained": through_router(max_tokens, "constrained"),
     }
     for run in paths.values():  # warm up: compile grammars, fill caches
         run()
@@ -122,7 +145,7 @@ def main(rounds: int, max_tokens: int) -> None:
 def report(rates: dict[str, list[float]], tokens: dict[str, int], rounds: int) -> None:
     print(f"SmolLM2-135M, {rounds} rounds, greedy; ratio = median over rounds of constrained / free of that round")
     for name, values in rates.items():
-        base = rates["ours: free" if name.startswith("ours") else "lcp: free"]
+        base = rates[name.split(":")[0] + ": free"]
         ratio = statistics.median(v / b for v, b in zip(values, base))
         print(f"  {name:26s} {statistics.median(values):6.1f} tok/s  {tokens[name]:4d} tokens  ratio {ratio:5.3f}")
 
