@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -123,7 +123,3 @@ def _bad_options(text: str, kind: str, exc: ValidationError) -> str:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     valid = ", ".join(OPTIONS_BY_KIND[kind].model_fields)
     return f"bad options in binding {text!r} ({problems}); options for {kind}: {valid}"
-
-
-def quote_path(path: str) -> str:
-    return quote(path, safe="/:.-_")

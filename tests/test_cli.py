@@ -1,7 +1,6 @@
 """The CLI driven in-process through its real entry point (exit codes included), plus one Ctrl-C in a subprocess."""
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess

@@ -13,7 +13,7 @@ import inspect
 import json
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from app.backends.base import register_backend
