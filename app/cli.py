@@ -112,7 +112,7 @@ def calls_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List captured calls, newest first. Example: slmswap calls list --agent retrieval --limit 5"""
-    from graphs.runner import call_summary
+    from app.capture.records import call_summary
 
     rows = _store(config).list_calls(agent=agent, limit=limit)
     if as_json:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import nullcontext
 from typing import Any
 
+from app.capture.records import call_summary
 from app.config import load_settings
 from app.observability import flush, run_callbacks
 from app.services import Services
@@ -41,14 +43,7 @@ def _invoke(query: str, services: Services, run_id: str, progress: Any) -> dict[
     config = {"callbacks": run_callbacks(services.settings, run_id), "run_name": "slmswap run",
               "metadata": {"run_id": run_id}}
     context = WorkflowContext(services=services, run_id=run_id)
-    if progress is None:
-        return asyncio.run(graph.ainvoke({"query": query}, config, context=context))
-    with progress.status("running the workflow on " + services.settings.default_binding):
+    label = "running the workflow on " + services.settings.default_binding
+    with progress.status(label) if progress is not None else nullcontext():
         return asyncio.run(graph.ainvoke({"query": query}, config, context=context))
 
-
-def call_summary(c) -> dict[str, Any]:
-    """One captured call as the CLI shows it."""
-    return {"id": c.id, "agent": c.agent or c.route, "binding": c.binding, "template_id": c.template_id,
-            "latency_ms": round(c.latency_ms, 1), "tokens": c.prompt_tokens + c.completion_tokens,
-            "valid": c.valid, "error_type": c.error_type, "cost_usd": c.cost_usd}

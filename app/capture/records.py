@@ -102,3 +102,11 @@ def response_payload(resp: ChatResponse) -> dict[str, Any]:
         "tool_calls": [c.model_dump(exclude_none=True) for c in calls] if calls else None,
         "finish_reason": choice.finish_reason,
     }
+
+
+def call_summary(call: CallRecord) -> dict[str, Any]:
+    """One captured call as the CLI shows it (`slmswap run`, `slmswap calls list`)."""
+    return {"id": call.id, "agent": call.agent or call.route, "binding": call.binding,
+            "template_id": call.template_id, "latency_ms": round(call.latency_ms, 1),
+            "tokens": call.prompt_tokens + call.completion_tokens, "valid": call.valid,
+            "error_type": call.error_type, "cost_usd": call.cost_usd}
