@@ -10,7 +10,7 @@ from app.config import load_settings
 from app.services import Services
 from graphs.state import WorkflowContext
 from graphs.workflow import graph
-from tests.support.scripted import tool
+from tests.support.scripted import tool, tool_then_text
 
 AGENTS = ("orchestrator", "retrieval", "processing", "validation", "formatting", "aggregate")
 
@@ -28,11 +28,6 @@ def plan(*steps):
     agents = list(dict.fromkeys(a for step in steps for a in step))
     return json.dumps({"sub_agents": agents, "parallel": False, "aggregation_strategy": "report",
                        "steps": [{"tasks": [{"agent": a, "task": f"do {a}"} for a in step]} for step in steps]})
-
-
-def tool_then_text(call, text):
-    """A sub-agent's model: the tool call on its first turn (which must call a tool), then the text."""
-    return lambda req: text if any(m.role == "tool" for m in req.messages) else call
 
 
 REPORT = tool("report", title="Q4", sections=[{"heading": "Summary", "body": "done"}])

@@ -13,7 +13,7 @@ import inspect
 import json
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from app.backends.base import register_backend
@@ -44,6 +44,11 @@ class Script:
 
 def tool(name: str, **arguments: Any) -> ToolCall:
     return ToolCall(function={"name": name, "arguments": json.dumps(arguments)})
+
+
+def tool_then_text(call: ToolCall, text: str) -> Callable[[ChatRequest], Any]:
+    """A sub-agent's model: the tool call on its first turn (which must call a tool), then the text."""
+    return lambda req: text if any(m.role == "tool" for m in req.messages) else call
 
 
 def scripted(name: str = "default") -> Script:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from graphs.workflow import graph
-from tests.support.scripted import scripted, tool
+from tests.support.scripted import scripted, tool, tool_then_text
 
 PLAN = {"sub_agents": ["retrieval", "processing", "validation"], "parallel": True, "aggregation_strategy": "report",
         "steps": [{"tasks": [{"agent": "retrieval", "task": "fetch sales by region"}]},
@@ -25,17 +25,9 @@ FIRST_TOOL = {  # each sub-agent must call one of its tools on its first turn
 }
 
 
-def _agent_reply(agent: str):
-    def reply(req):
-        if any(m.role == "tool" for m in req.messages):
-            return f"{agent} done"
-        return FIRST_TOOL[agent]
-    return reply
-
-
 scripted("orchestrator").default = json.dumps(PLAN)
 for _agent in FIRST_TOOL:
-    scripted(_agent).default = _agent_reply(_agent)
+    scripted(_agent).default = tool_then_text(FIRST_TOOL[_agent], f"{_agent} done")
 scripted("aggregate").default = ANSWER
 
 __all__ = ["graph", "PLAN", "ANSWER"]
