@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import BindingError
 
@@ -24,16 +24,23 @@ class BindingOptions(BaseModel):
     # USD per million tokens; overrides the built-in price table (app/cost.py).
     price_in: float | None = None
     price_out: float | None = None
-    timeout: float = 120.0
+    # Seconds to wait for one answer: long enough for a hosted model's long reply, short enough that a stalled
+    # upstream is reported while the user still waits.
+    timeout: float = Field(60.0, gt=0)
 
 
-class AzureOptions(BindingOptions):
+class RemoteOptions(BindingOptions):
+    # Extra attempts after a 408/409/429/5xx or a failed connection (never after a timeout): app/backends/retry.py.
+    max_retries: int = Field(2, ge=0, le=10)
+
+
+class AzureOptions(RemoteOptions):
     endpoint_env: str = "AZURE_OPENAI_ENDPOINT"
     api_key_env: str = "AZURE_OPENAI_API_KEY"
     api_version: str | None = None  # default: $OPENAI_API_VERSION
 
 
-class OpenAIOptions(BindingOptions):
+class OpenAIOptions(RemoteOptions):
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
 

@@ -22,6 +22,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict
 
+from app.toolplan import from_langchain
 from app.wire import ChatRequest, ChatResponse, Message, ToolCall
 
 ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
@@ -80,7 +81,7 @@ class RouterChatModel(BaseChatModel):
         formatted = [convert_to_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
         if tool_choice is not None:
-            bound["tool_choice"] = _tool_choice(tool_choice)
+            bound["tool_choice"] = from_langchain(tool_choice)
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(**bound)
@@ -99,16 +100,6 @@ class RouterChatModel(BaseChatModel):
         if include_raw:
             return bound | RunnableLambda(lambda msg: _raw_and_parsed(msg, schema if is_model else None))
         return bound | parse
-
-
-def _tool_choice(choice: str | dict) -> str | dict:
-    if isinstance(choice, dict):
-        return choice
-    if choice in ("auto", "none", "required"):
-        return choice
-    if choice in ("any", True):
-        return "required"
-    return {"type": "function", "function": {"name": choice}}
 
 
 def _parse_structured(msg: AIMessage, model: type[BaseModel] | None) -> Any:

@@ -6,6 +6,7 @@ Prices are USD per million tokens (input, output). Local bindings cost nothing b
 
 from __future__ import annotations
 
+from app.backends.base import pricing_of
 from app.bindings import Binding
 
 # (input, output) USD per 1M tokens, list prices of the hosted models teams most often start from.
@@ -20,15 +21,19 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4.1-nano": (0.1, 0.4),
     "gpt-3.5-turbo": (0.5, 1.5),
 }
-LOCAL_KINDS = {"gguf", "hf"}
 
 
 def price(binding: Binding) -> tuple[float, float]:
-    """(input, output) USD per 1M tokens for a binding; unknown hosted models are priced as gpt-4."""
+    """(input, output) USD per 1M tokens for a binding.
+
+    Explicit `price_in`/`price_out` options win; local kinds cost nothing per token; a hosted model missing
+    from the table is priced as gpt-4 (teams move off GPT-4 class deployments, whose names say nothing). A binding
+    kind that no backend registered raises BindingError rather than being priced by guess.
+    """
     opts = binding.options
     if opts.price_in is not None or opts.price_out is not None:
         return (opts.price_in or 0.0, opts.price_out or 0.0)
-    if binding.kind in LOCAL_KINDS:
+    if pricing_of(binding.kind) == "local":
         return (0.0, 0.0)
     return PRICES.get(_model_key(binding.target), PRICES["gpt-4"])
 

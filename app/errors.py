@@ -6,6 +6,8 @@
      │    └── BindingError       a binding string or its options are malformed or unknown
      ├── MissingDependency       a package, key or file a binding needs is absent (names the fix)
      ├── BackendError            a model backend failed while answering (HTTP 502)
+     │    ├── BadReply           the upstream answered, in a shape that is not a chat completion
+     │    └── UpstreamTimeout    no answer within the binding's timeout (HTTP 504)
      ├── StoreError              the capture store cannot be opened or written
      └── ToolError               a tool was given bad arguments; returned to the model, never raised past the loop
 """
@@ -44,6 +46,17 @@ class MissingDependency(SlmSwapError):
 class BackendError(SlmSwapError):
     http_status = 502
     error_type = "backend_error"
+    capture_type = "backend_error"  # the error_type a captured failed call gets
+
+
+class BadReply(BackendError):
+    pass
+
+
+class UpstreamTimeout(BackendError):
+    http_status = 504
+    error_type = "timeout"
+    capture_type = "timeout"
 
 
 class StoreError(SlmSwapError):

@@ -2,7 +2,8 @@
 against `response_format`. Every failure gets one name from ERROR_TYPES, so the Router, the error detectors and
 the metrics count the same things.
 
-Choices callers rely on:
+Text calls are read by the one Hermes codec (`app/hermes.py`) and tool_choice by the one tool plan
+(`app/toolplan.py`). Choices callers rely on:
 - Tool calls are read in three forms: OpenAI `tool_calls`; Hermes `<tool_call>{"name", "arguments"}</tool_call>`
   (one or several; "parameters" is read as "arguments", arguments may be a JSON string, a block may hold a list of
   calls); and `<tool_call name="f">{...arguments...}</tool_call>`. Text outside the blocks is allowed, as OpenAI
@@ -23,7 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -31,7 +32,11 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema.validators import validator_for
 
+from app import hermes
 from app.errors import UsageError
+from app.hermes import FormatError as _Reject
+from app.hermes import ParsedCall, find_json as _find_json, kind_of as _kind
+from app.toolplan import ToolPlan, plan_tools
 
 ERROR_TYPES = (
     "markdown_fence",
@@ -50,26 +55,12 @@ ERROR_TYPES = (
 
 
 @dataclass(frozen=True)
-class ParsedCall:
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Verdict:
     valid: bool
     error_type: str | None = None
     detail: str | None = None
     calls: tuple[ParsedCall, ...] = ()
     value: Any = None  # the parsed JSON of a response_format output
-
-
-class _Reject(Exception):
-    """A failed check, raised from deep inside parsing and turned into a Verdict at the entry point."""
-
-    def __init__(self, error_type: str, detail: str, calls: tuple[ParsedCall, ...] = (), value: Any = None):
-        super().__init__(detail)
-        self.error_type, self.detail, self.calls, self.value = error_type, detail, calls, value
 
 
 # ---- entry points ---------------------------------------------------------------------------------------
@@ -112,10 +103,11 @@ def _validate(text, tool_calls, tools, tool_choice, response_format, parallel) -
     if not tool_calls and not text.strip():
         raise _Reject("empty_output", "the model returned neither text nor tool calls")
     if tools or tool_calls:
+        plan = plan_tools([_plain(t) for t in tools], tool_choice, parallel)
         calls = _parse_openai(tool_calls) if tool_calls else _parse_text(text)
-        _check_count(calls or (), tool_choice, parallel)
+        _check_count(calls or (), plan)
         if calls:
-            _check_calls(calls, tools)
+            _check_calls(calls, tools, plan)
             return Verdict(True, calls=calls)
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         return Verdict(True, value=_check_json_output(text, response_format))
@@ -132,54 +124,6 @@ def _plain(obj: Any) -> Any:
     return obj.model_dump() if hasattr(obj, "model_dump") else obj
 
 
-# ---- JSON text ------------------------------------------------------------------------------------------
-
-def _load_json(text: str, what: str) -> Any:
-    """Parse JSON or name the near miss: a code fence, prose around valid JSON, or broken JSON."""
-    stripped = text.strip()
-    try:
-        return json.loads(stripped)
-    except json.JSONDecodeError as exc:
-        if "```" in stripped:
-            raise _Reject("markdown_fence", f"{what} is wrapped in a ``` code fence; send bare JSON") from None
-        if (prose := _prose_around(stripped)) is not None:
-            raise _Reject("prose_around_json", f"{what} has text around its JSON: {prose[:60]!r}") from None
-        raise _Reject("invalid_json", f"{what} is not valid JSON: {exc.msg} at char {exc.pos}") from None
-
-
-def _is_container(value: Any) -> bool:
-    return isinstance(value, (dict, list))
-
-
-def _find_json(text: str, want=_is_container) -> tuple[int, int, Any] | None:
-    """The first JSON object or array embedded in text that `want` accepts, as (start, end, value)."""
-    decoder = json.JSONDecoder()
-    for match in list(re.finditer(r"[{\[]", text))[:200]:
-        try:
-            value, end = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if want(value):
-            return match.start(), end, value
-    return None
-
-
-def _prose_around(text: str) -> str | None:
-    """The words around valid JSON embedded in text; None when the text is only broken JSON (an inner object
-    of a broken outer one parses too, hence: no "{" before it, and letters outside it)."""
-    found = _find_json(text)
-    if found is None:
-        return None
-    start, end, _ = found
-    outside = (text[:start] + " " + text[end:]).strip()
-    return outside if "{" not in text[:start] and re.search(r"[A-Za-z]", outside) else None
-
-
-def _kind(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 # ---- tool-call parsing ----------------------------------------------------------------------------------
 
 def _parse_openai(tool_calls: list) -> tuple[ParsedCall, ...]:
@@ -190,22 +134,9 @@ def _parse_openai_one(tc: Any, i: int) -> ParsedCall:
     fn = tc.get("function") if isinstance(tc, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise _Reject("invalid_json", f"tool_calls[{i}] has no function name")
-    return ParsedCall(fn["name"], _arguments(fn.get("arguments"), fn["name"]))
+    return ParsedCall(fn["name"], hermes.arguments(fn.get("arguments"), fn["name"]))
 
 
-def _arguments(raw: Any, name: str) -> dict:
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return {}
-    value = _load_json(raw, f"the arguments of {name}") if isinstance(raw, str) else raw
-    if not isinstance(value, dict):
-        raise _Reject("invalid_json", f"the arguments of {name} must be a JSON object, got {_kind(value)}")
-    return value
-
-
-_SELF_CLOSING = re.compile(r"<tool_call\b[^<>]*/>", re.I)
-# A block ends at its closing tag, at the next opening tag, or at the end (a stop sequence ate the close).
-_BLOCK = re.compile(r"<tool_call\b(?P<attrs>[^<>]*)>(?P<body>.*?)(?:</tool_call\s*>|(?=<tool_call\b)|\Z)", re.I | re.S)
-_NAME_ATTR = re.compile(r"""\bname\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>/]+))""")
 _ANY_TAG = re.compile(r"<\|?/?(?P<name>[A-Za-z_][\w.:=-]*)[^<>]*?\|?>|\[TOOL_CALLS\]")
 _TOOLISH = ("tool", "function", "call", "invoke")
 _BROKEN_CALL = re.compile(r'\{\s*"name"\s*:\s*"[^"]*"\s*,\s*"(?:arguments|parameters)"\s*:')
@@ -213,29 +144,10 @@ _BROKEN_CALL = re.compile(r'\{\s*"name"\s*:\s*"[^"]*"\s*,\s*"(?:arguments|parame
 
 def _parse_text(text: str) -> tuple[ParsedCall, ...] | None:
     """Calls written in the text, None for plain text; raises on markup that tries to be a call and fails."""
-    if m := _SELF_CLOSING.search(text):
-        raise _Reject("self_closing_tag", f"{m.group(0)} holds no arguments; write <tool_call>{{...}}</tool_call>")
-    blocks = list(_BLOCK.finditer(text))
-    if not blocks:
+    calls = hermes.read_calls(text)
+    if calls is None:
         _reject_untagged_calls(text)
-        return None
-    return tuple(call for b in blocks for call in _parse_block(b.group("attrs"), b.group("body")))
-
-
-def _parse_block(attrs: str, body: str) -> list[ParsedCall]:
-    if m := _NAME_ATTR.search(attrs):
-        name = next(g for g in m.groups() if g is not None)
-        return [ParsedCall(name, _arguments(body, name))]
-    if not body.strip():
-        raise _Reject("invalid_json", 'an empty <tool_call> block; write {"name": ..., "arguments": {...}} in it')
-    value = _load_json(body, "the <tool_call> body")
-    return [_call_from_object(item) for item in (value if isinstance(value, list) else [value])]
-
-
-def _call_from_object(obj: Any) -> ParsedCall:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise _Reject("invalid_json", 'a <tool_call> body must be {"name": ..., "arguments": {...}}')
-    return ParsedCall(obj["name"], _arguments(obj.get("arguments", obj.get("parameters")), obj["name"]))
+    return calls
 
 
 def _looks_like_call(value: Any) -> bool:
@@ -275,41 +187,33 @@ def _wrong_tag(text: str) -> str | None:
 
 # ---- call count -----------------------------------------------------------------------------------------
 
-def _check_count(calls: tuple[ParsedCall, ...], tool_choice: str | dict | None, parallel: bool | None) -> None:
-    mode, forced = _tool_choice(tool_choice)
+def _check_count(calls: tuple[ParsedCall, ...], plan: ToolPlan) -> None:
     n = len(calls)
-    if mode == "none" and n:
+    if not plan.offered:
+        return  # calls without tools: each is an unknown function, named by _check_calls
+    if plan.mode == "none" and n:
         raise _Reject("wrong_call_count", f"tool_choice is 'none' but the model made {n} tool call(s)", calls)
-    if mode in ("required", "named") and not n:
-        wanted = repr(forced) if forced else "a tool"
+    if plan.mode in ("required", "named") and not n:
+        wanted = repr(plan.forced) if plan.forced else "a tool"
         raise _Reject("wrong_call_count", f"tool_choice requires a call to {wanted}; the model answered in text")
-    if forced and (other := next((c.name for c in calls if c.name != forced), None)):
-        raise _Reject("wrong_call_count", f"tool_choice forces {forced!r}; the model called {other!r}", calls)
-    if parallel is False and n > 1:
+    if plan.forced and (other := next((c.name for c in calls if c.name != plan.forced), None)):
+        raise _Reject("wrong_call_count", f"tool_choice forces {plan.forced!r}; the model called {other!r}", calls)
+    if not plan.parallel and n > 1:
         raise _Reject("wrong_call_count", f"parallel_tool_calls is false but the model made {n} calls", calls)
-
-
-def _tool_choice(choice: str | dict | None) -> tuple[str, str | None]:
-    """(mode, forced function name): mode is auto, none, required or named."""
-    if choice is None or choice in ("auto", "none", "required"):
-        return choice or "auto", None
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        return (choice.get("allowed_tools") or choice).get("mode", "auto"), None
-    name = (choice.get("function") or choice).get("name") if isinstance(choice, dict) else None
-    if not isinstance(name, str):
-        raise UsageError(f"tool_choice {choice!r} is not 'auto', 'none', 'required' or "
-                         '{"type": "function", "function": {"name": ...}}; fix the request')
-    return "named", name
 
 
 # ---- schema checks --------------------------------------------------------------------------------------
 
-def _check_calls(calls: tuple[ParsedCall, ...], tools: list) -> None:
+def _check_calls(calls: tuple[ParsedCall, ...], tools: list, plan: ToolPlan) -> None:
     schemas = _schemas_by_name(tools)
     for call in calls:
         if call.name not in schemas:
             hint = _did_you_mean(call.name, schemas) if schemas else " (the request offered no tools)"
             raise _Reject("unknown_function", f"no tool is named {call.name!r}{hint}", calls)
+        if plan.mode != "none" and call.name not in plan.names:
+            allowed = ", ".join(plan.names)
+            raise _Reject("unknown_function", f"{call.name!r} is not among the tools tool_choice allows ({allowed})",
+                          calls)
         try:
             _check_schema(call.arguments, schemas[call.name], call.name)
         except _Reject as r:
@@ -325,7 +229,7 @@ def _schemas_by_name(tools: list) -> dict[str, dict]:
 
 
 def _check_json_output(text: str, response_format: dict) -> Any:
-    value = _load_json(text, "the response")
+    value = hermes.load_json(text, "the response")
     if response_format["type"] == "json_object":
         if not isinstance(value, dict):
             raise _Reject("type_mismatch", f"response_format json_object needs an object, got {_kind(value)}",

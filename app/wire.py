@@ -104,6 +104,12 @@ class Usage(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # slm-swap: "unknown" when the upstream reported no usable counts (the zeros above are then not counts).
+    source: Literal["unknown"] | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.source != "unknown"
 
 
 class AssistantMessage(OpenAIModel):

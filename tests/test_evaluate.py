@@ -257,14 +257,14 @@ def test_bad_models_exit_2_before_any_call(scripted):
 def test_a_model_failing_mid_run_keeps_its_items_and_the_next_model_runs(scripted):
     scripted("flaky").enqueue(CALL_REPLIES["exact"], CALL_REPLIES["inexact"], RuntimeError("server went away"))
     scripted("fine").default = by_user_text(CALL_REPLIES)
-    with pytest.raises(BackendError, match="scripted:flaky failed after 2 items: on item line3: RuntimeError: "
-                                           "server went away") as exc:
+    with pytest.raises(BackendError, match="scripted:flaky failed after 2 items: on item line3: scripted:flaky "
+                                           "failed: RuntimeError: server went away") as exc:
         evaluate(write_suite("s.jsonl", CALL_ITEMS), "scripted:flaky", "scripted:fine", concurrency=1)
     assert exc.value.exit_code == 1 and "out" in str(exc.value)
     assert [(r["model"], r["id"]) for r in rows()] == [("scripted:flaky", "line1"), ("scripted:flaky", "line2")] + [
         ("scripted:fine", f"line{i}") for i in range(1, 5)]
     summary = json.loads(Path("out/summary.json").read_text())
-    assert summary["failed"] == {"scripted:flaky": "on item line3: RuntimeError: server went away"}
+    assert summary["failed"] == {"scripted:flaky": "on item line3: scripted:flaky failed: RuntimeError: server went away"}
     assert summary["models"]["scripted:flaky"]["n"] == 2 and summary["models"]["scripted:flaky"]["exact_rate"] == 0.5
     assert summary["models"]["scripted:fine"]["failed"] is None
     assert "## Failures" in Path("out/report.md").read_text() and Path("out/report.png").exists()

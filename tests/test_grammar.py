@@ -35,7 +35,7 @@ def test_plan_tools_follows_openai_tool_choice():
     auto = plan_tools(request(tools=TOOLS))
     assert (auto.mode, auto.functions, auto.parallel) == ("auto", [WEATHER, TIME], True)
     assert plan_tools(request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)) == ToolPlan(
-        "required", [WEATHER, TIME], parallel=False)
+        "required", [WEATHER, TIME], parallel=False, offered=("get_weather", "get_time"))
     named = plan_tools(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}))
     assert (named.mode, named.functions, named.parallel) == ("named", [TIME], False)
 

@@ -6,6 +6,7 @@ import pytest
 
 from app.capture.store import CaptureStore
 from app.config import load_settings
+from app.errors import BackendError
 from app.routing.router import Router
 from app.wire import ChatRequest
 from tests.support.scripted import tool
@@ -57,9 +58,9 @@ def test_json_response_format_checked(router, scripted):
     assert types == [None, "markdown_fence", "type_mismatch"]
 
 
-def test_backend_failure_is_captured_then_raised(router, scripted):
+def test_backend_failure_is_captured_then_raised_as_our_error(router, scripted):
     scripted("r").enqueue(RuntimeError("engine on fire"))
-    with pytest.raises(RuntimeError, match="engine on fire"):
+    with pytest.raises(BackendError, match="scripted:r failed: RuntimeError: engine on fire"):
         asyncio.run(router.complete(request()))
     [row] = router.store.list_calls()
     assert not row.valid and row.error_type == "backend_error" and "engine on fire" in row.error_detail

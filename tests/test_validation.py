@@ -237,6 +237,8 @@ def test_tools_given_as_bare_functions_are_read():
 ONE = [openai_call("search", {"query": "q"})]
 TWO = ONE + [openai_call("get_weather", {"city": "x"})]
 FORCE_SEARCH = {"type": "function", "function": {"name": "search"}}
+ALLOW_SEARCH = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+    {"type": "function", "function": {"name": "search"}}]}}
 
 
 @pytest.mark.parametrize("tool_calls, content, tool_choice, parallel, valid", [
@@ -255,8 +257,9 @@ FORCE_SEARCH = {"type": "function", "function": {"name": "search"}}
     (TWO, None, "auto", True, True),
     (TWO, None, None, None, True),
     (None, "plain answer", None, None, True),
-    (ONE, None, {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": []}}, None, True),
-    (None, "plain", {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": []}}, None, False),
+    (ONE, None, ALLOW_SEARCH, None, True),
+    (None, "plain", ALLOW_SEARCH, None, False),
+    (None, "plain", {**ALLOW_SEARCH, "allowed_tools": {**ALLOW_SEARCH["allowed_tools"], "mode": "auto"}}, None, True),
 ])
 def test_call_count_follows_tool_choice_and_parallel_tool_calls(tool_calls, content, tool_choice, parallel, valid):
     v = check(content=content, tool_calls=tool_calls, tool_choice=tool_choice, parallel=parallel)
@@ -265,9 +268,22 @@ def test_call_count_follows_tool_choice_and_parallel_tool_calls(tool_calls, cont
         assert v.error_type == "wrong_call_count", v.detail
 
 
-def test_a_malformed_tool_choice_is_a_usage_error():
+def test_allowed_tools_restricts_which_tools_may_be_called():
+    weather_only = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "get_weather"}}]}}
+    v = check(tool_calls=ONE, tool_choice=weather_only)
+    assert (v.valid, v.error_type) == (False, "unknown_function") and "allows (get_weather)" in v.detail
+
+
+@pytest.mark.parametrize("choice", [
+    "always",
+    {"type": "function", "function": {"name": "nope"}},
+    {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": []}},
+    {"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": [{"type": "function", "function": {"name": "search"}}]}},
+])
+def test_a_malformed_tool_choice_is_a_usage_error(choice):
     with pytest.raises(UsageError, match="tool_choice"):
-        check(tool_calls=ONE, tool_choice="always")
+        check(tool_calls=ONE, tool_choice=choice)
 
 
 # ---- response_format ------------------------------------------------------------------------------------

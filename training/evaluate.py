@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings, load_settings
-from app.errors import BackendError, UsageError
+from app.errors import BackendError, SlmSwapError, UsageError
 from app.routing.router import Router
 from app.validation import ParsedCall, parse_calls
 from app.wire import AssistantMessage, ChatRequest, ChatResponse
@@ -37,7 +37,6 @@ from training.suites import EvalItem, Suite, check_window, load_suite
 
 DECODINGS = ("constrained", "free")
 DEFAULT_MAX_TOKENS = 256
-LOCAL_KINDS = ("gguf", "hf")
 REMOTE_CONCURRENCY = 8
 EVAL_ROUTE = "eval"
 
@@ -171,10 +170,10 @@ def build_request(item: EvalItem, decoding: str, max_tokens: int,
 
 def raw_output(message: AssistantMessage) -> str:
     """What the model wrote: its text, then its tool calls in the Hermes form the local models write them."""
-    from app.backends.chat_format import format_tool_call
+    from app import hermes
 
-    calls = [format_tool_call(c.function.name, c.function.arguments) for c in message.tool_calls or []]
-    return "\n".join(p for p in (message.content or "", *calls) if p)
+    return hermes.assistant_text(message.content, [(c.function.name, c.function.arguments)
+                                                   for c in message.tool_calls or []])
 
 
 def item_row(item: EvalItem, binding: str, resp: ChatResponse) -> dict[str, Any]:
@@ -267,7 +266,10 @@ def eval_settings(settings: Settings, binding: str) -> Settings:
 def concurrency_for(binding: str, settings: Settings, explicit: int | None) -> int:
     if explicit is not None:
         return explicit
-    return 1 if settings.binding(binding).kind in LOCAL_KINDS else REMOTE_CONCURRENCY
+    from app.backends.base import is_local
+
+    # A local model decodes one request at a time per process; a hosted one takes many.
+    return 1 if is_local(settings.binding(binding).kind) else REMOTE_CONCURRENCY
 
 
 async def _run_models(options: EvalOptions, settings: Settings, suite: Suite, template: dict | None,
@@ -318,6 +320,8 @@ async def run_items(run: ModelRun, items: list[EvalItem], ask: Asker, concurrenc
 
 
 def _describe(exc: BaseException, item: EvalItem) -> str:
+    if isinstance(exc, SlmSwapError):  # our messages already say what failed where
+        return f"on item {item.id}: {exc}"[:1000]
     text = str(exc) if str(exc) else type(exc).__name__
     return f"on item {item.id}: {type(exc).__name__}: {text}"[:1000]
 

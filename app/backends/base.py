@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from app.bindings import Binding
+from app.errors import BindingError
 from app.wire import ChatChunk, ChatRequest, ChatResponse
 
 
@@ -26,6 +27,8 @@ class Backend(Protocol):
 
 
 BackendFactory = Callable[[Binding], Backend]
+# How a kind's calls are priced (app/cost.py): "hosted" by the provider's token prices, "local" by the machine.
+Pricing = Literal["hosted", "local"]
 
 _FACTORIES: dict[str, str | BackendFactory] = {
     "azure": "app.backends.openai_compat:OpenAICompatBackend",
@@ -33,14 +36,35 @@ _FACTORIES: dict[str, str | BackendFactory] = {
     "gguf": "app.backends.llamacpp:LlamaCppBackend",
     "hf": "app.backends.hf:HFBackend",
 }
+_PRICING: dict[str, Pricing] = {"azure": "hosted", "openai": "hosted", "gguf": "local", "hf": "local"}
 
 
-def register_backend(kind: str, factory: str | BackendFactory) -> None:
-    """Register a backend for a binding kind; a test's scripted backend registers exactly like a real one."""
+def register_backend(kind: str, factory: str | BackendFactory, pricing: Pricing) -> None:
+    """Register a backend for a binding kind, saying how its calls are priced; a test's scripted backend
+    registers exactly like a real one."""
+    if pricing not in ("hosted", "local"):
+        raise ValueError(f"pricing must be 'hosted' or 'local', not {pricing!r}")
     _FACTORIES[kind] = factory
+    _PRICING[kind] = pricing
+
+
+def pricing_of(kind: str) -> Pricing:
+    """How calls of a binding kind are priced; a kind no backend registered is an error, never a guess."""
+    try:
+        return _PRICING[kind]
+    except KeyError:
+        raise BindingError(f"no backend is registered for binding kind {kind!r}; known kinds: "
+                           f"{', '.join(sorted(_PRICING))}") from None
+
+
+def is_local(kind: str) -> bool:
+    """True for kinds that run on this machine (one request at a time per loaded model)."""
+    return pricing_of(kind) == "local"
 
 
 def _resolve(kind: str) -> BackendFactory:
+    if kind not in _FACTORIES:
+        pricing_of(kind)  # raises the BindingError that lists the known kinds
     factory = _FACTORIES[kind]
     if isinstance(factory, str):
         module, attr = factory.split(":")

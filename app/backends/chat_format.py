@@ -1,38 +1,23 @@
-"""Chat messages to a local model's prompt text, and its Hermes-style tool-call output back to OpenAI tool calls.
+"""Chat messages to a local model's prompt text, and its tool-call output back to OpenAI tool calls.
 
 Two prompt families: ChatML (SmolLM2's GGUF template) and Gemma turns (Gemma-3-270M is a base model whose GGUF
-carries no template, so its turns are written here, system folded into the first user turn). Tools follow the
-Hermes function-calling convention: listed as JSON inside `<tools></tools>` in the system prompt, called as
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, answered inside `<tool_response>` in a user turn.
+carries no template, so its turns are written here, system folded into the first user turn). Tools, calls and
+results are written and read by the one Hermes codec, `app/hermes.py`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from app import hermes
+from app.hermes import TOOL_CLOSE, TOOL_OPEN  # noqa: F401  (the backends' stream splitter looks for TOOL_OPEN)
 from app.wire import FunctionCall, Message, ToolCall
 
 Family = Literal["chatml", "gemma"]
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 CHATML_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # from the GGUF template
-
-HERMES_TOOLS = """# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{tools}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
-</tool_call>"""
 
 
 @dataclass(frozen=True)
@@ -62,7 +47,7 @@ def to_turns(messages: list[Message], functions: list[dict[str, Any]]) -> list[T
     """OpenAI messages as plain turns: one system turn first (with the tool prompt), calls and results as text."""
     system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
     if functions:
-        system = "\n\n".join(p for p in (system, tools_prompt(functions)) if p)
+        system = "\n\n".join(p for p in (system, hermes.tools_prompt(functions)) if p)
     turns = [Turn("system", system)] if system else []
     for msg in messages:
         if msg.role == "tool":
@@ -72,31 +57,15 @@ def to_turns(messages: list[Message], functions: list[dict[str, Any]]) -> list[T
     return turns
 
 
-def tools_prompt(functions: list[dict[str, Any]]) -> str:
-    listed = "\n".join(json.dumps({"type": "function", "function": f}) for f in functions)
-    return HERMES_TOOLS.format(tools=listed)
-
-
-def format_tool_call(name: str, arguments: Any) -> str:
-    """One call as the model writes it; `arguments` may be a JSON string (as OpenAI sends it) or data."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments or "{}")
-        except json.JSONDecodeError:
-            pass  # an invalid earlier call is shown as the model wrote it
-    return f"{TOOL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments})}\n{TOOL_CLOSE}"
-
-
 def assistant_text(msg: Message) -> str:
-    calls = [format_tool_call(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
-    return "\n".join(p for p in (msg.text(), *calls) if p)
+    return hermes.assistant_text(msg.text(), [(c.function.name, c.function.arguments) for c in msg.tool_calls or []])
 
 
 def _add_tool_result(turns: list[Turn], msg: Message) -> None:
     # Consecutive tool results share one user turn, as Hermes/Qwen-style templates render them.
-    block = f"<tool_response>\n{msg.text()}\n</tool_response>"
+    block = hermes.tool_response(msg.text())
     last = turns[-1] if turns else None
-    if last and last.role == "user" and last.text.startswith("<tool_response>"):
+    if last and last.role == "user" and last.text.startswith(hermes.RESPONSE_OPEN):
         turns[-1] = Turn("user", f"{last.text}\n{block}")
     else:
         turns.append(Turn("user", block))
@@ -123,42 +92,15 @@ def render_gemma(turns: list[Turn]) -> str:
 
 # ---- output ----------------------------------------------------------------------------------------------
 
-_CALL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CLOSE), re.DOTALL)
-
-
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Split model output into (content, tool calls).
-
-    Content is the text before the first call (None when empty). If any call block does not parse, the whole
-    output is returned as content with no calls, so validation downstream sees exactly what the model wrote.
+    """Split model output into (content, OpenAI tool calls) with the Hermes codec (`hermes.split_output`).
 
     >>> content, calls = parse_tool_calls('<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>')
     >>> content, calls[0].function.name, calls[0].function.arguments
     (None, 'f', '{"x": 1}')
     """
-    start = text.find(TOOL_OPEN)
-    if start < 0:
-        return text, []
-    calls = [_to_call(block) for block in _CALL_BLOCK.findall(text, start)]
-    if not calls or any(c is None for c in calls) or _has_unclosed_call(text, start):
-        return text, []
-    return text[:start].strip() or None, calls  # type: ignore[return-value]
-
-
-def _to_call(block: str) -> ToolCall | None:
-    try:
-        data = json.loads(block)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        return None
-    arguments = data.get("arguments", {})
-    return ToolCall(function=FunctionCall(name=data["name"], arguments=json.dumps(arguments)))
-
-
-def _has_unclosed_call(text: str, start: int) -> bool:
-    tail = _CALL_BLOCK.sub("", text[start:])
-    return TOOL_OPEN in tail
+    content, calls = hermes.split_output(text)
+    return content, [ToolCall(function=FunctionCall(name=c.name, arguments=json.dumps(c.arguments))) for c in calls]
 
 
 def held_back(text: str, markers: list[str]) -> int:

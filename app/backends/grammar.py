@@ -13,13 +13,13 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from app.backends.chat_format import TOOL_CLOSE, TOOL_OPEN
 from app.errors import BackendError, MissingDependency, UsageError
+from app.hermes import TOOL_CLOSE, TOOL_OPEN
+from app.toolplan import ToolPlan, request_plan
 from app.wire import ChatRequest
 
 # Compact JSON with the separators json.dumps writes: what Hermes-style training data looks like, and no room
@@ -32,46 +32,8 @@ STRING_LIMIT = 512
 STRING_BOUNDED = {"maxLength", "enum", "const", "pattern", "format"}
 LITERAL_KEYS = ("const", "enum", "default", "examples")  # their values are data, not schemas
 
-ToolMode = Literal["none", "auto", "required", "named"]
-
-
-@dataclass(frozen=True)
-class ToolPlan:
-    """What the request lets the model do with its tools: the mode, the functions offered, and parallel calls."""
-
-    mode: ToolMode = "none"
-    functions: list[dict[str, Any]] = field(default_factory=list)  # OpenAI `function` dicts
-    parallel: bool = True
-
-
-def plan_tools(req: ChatRequest) -> ToolPlan:
-    """Read `tools`, `tool_choice` and `parallel_tool_calls` the way OpenAI does.
-
-    >>> plan_tools(ChatRequest(messages=[])).mode
-    'none'
-    """
-    functions = [t["function"] for t in req.tool_dicts()]
-    choice = req.tool_choice if req.tool_choice is not None else "auto"
-    if not functions or choice == "none":
-        return ToolPlan()
-    parallel = req.parallel_tool_calls is not False
-    if choice in ("auto", "required"):
-        return ToolPlan(mode=choice, functions=functions, parallel=parallel)
-    name = _chosen_name(choice)
-    chosen = [f for f in functions if f["name"] == name]
-    if not chosen:
-        offered = ", ".join(f["name"] for f in functions)
-        raise UsageError(f"tool_choice names function {name!r}, which is not in tools ({offered}); name one of those")
-    return ToolPlan(mode="named", functions=chosen, parallel=False)
-
-
-def _chosen_name(choice: str | dict[str, Any]) -> str:
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict) and choice["function"].get("name"):
-        return choice["function"]["name"]
-    raise UsageError(
-        f"tool_choice {choice!r} is not understood; use 'none', 'auto', 'required' or "
-        '{"type": "function", "function": {"name": "..."}}'
-    )
+# The tool plan is read in one place (app/toolplan.py); `plan_tools(req)` is its reading of a ChatRequest.
+plan_tools = request_plan
 
 
 def answer_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

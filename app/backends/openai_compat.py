@@ -3,22 +3,36 @@
 `azure:<deployment>` reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and OPENAI_API_VERSION (names overridable by
 binding options); `openai:<model>` reads `base_url` and the key from the variable `api_key_env` names. The client is
 built on first use, so a missing variable is reported when a route actually needs it, not at import.
+
+Everything the SDK, httpx or the upstream can throw is mapped into `app/errors.py` in `_boundary`, and replies are
+read by our own tolerant reader (`read_reply`), not trusted: servers that omit `usage`, send `finish_reason:
+"function_call"` or answer a 200 with an HTML page give one clear error or a normalised reply, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from app.bindings import Binding
-from app.errors import BackendError, MissingDependency
-from app.wire import ChatChunk, ChatRequest, ChatResponse
+from pydantic import ValidationError
 
-# Our extensions and routing fields never go to the upstream server.
-NOT_FORWARDED = {"model", "metadata", "decoding", "stream"}
+from app.backends.retry import with_retries
+from app.bindings import Binding
+from app.errors import BackendError, BadReply, MissingDependency, SlmSwapError, UpstreamTimeout
+from app.wire import ChatChunk, ChatRequest, ChatResponse, Usage
+
+# Our extensions and routing fields never go to the upstream server; stream settings are ours to set.
+NOT_FORWARDED = {"model", "metadata", "decoding", "stream", "stream_options"}
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
+# What other servers say for the four OpenAI finish reasons (legacy OpenAI, Anthropic-style, llama.cpp, vLLM).
+FINISH_ALIASES = {"function_call": "tool_calls", "tool_use": "tool_calls", "end_turn": "stop", "eos": "stop",
+                  "stop_sequence": "stop", "max_tokens": "length", "abort": "stop"}
+SHOWN = 200  # characters of a bad reply quoted in an error
 
 
 class OpenAICompatBackend:
@@ -36,29 +50,168 @@ class OpenAICompatBackend:
         return self._clients[loop]
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
-        import openai
-
-        try:
-            resp = await self.client().chat.completions.create(model=self.binding.target, **_payload(req))
-        except openai.APIError as exc:
-            raise BackendError(_describe(self.binding, exc)) from None
-        return ChatResponse.model_validate(resp.model_dump())
+        payload = _payload(req)
+        with _boundary(self.binding):
+            raw = await with_retries(
+                lambda: self.client().chat.completions.with_raw_response.create(model=self.binding.target, **payload),
+                self.binding.options.max_retries)
+            http = raw.http_response
+            return read_reply(self.binding, _json_body(self.binding, http.content, http.headers.get("content-type")))
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
-        import openai
-
-        try:
-            chunks = await self.client().chat.completions.create(
-                model=self.binding.target, stream=True, stream_options={"include_usage": True}, **_payload(req))
+        payload = _payload(req)
+        seen = 0
+        with _boundary(self.binding):
+            chunks = await with_retries(
+                lambda: self.client().chat.completions.create(
+                    model=self.binding.target, stream=True, stream_options={"include_usage": True}, **payload),
+                self.binding.options.max_retries)
             async for chunk in chunks:
-                yield ChatChunk.model_validate(chunk.model_dump())
-        except openai.APIError as exc:
-            raise BackendError(_describe(self.binding, exc)) from None
+                seen += 1
+                yield read_chunk(self.binding, chunk.model_dump())
+            if not seen:
+                raise BadReply(f"{self.binding.name} ended its stream without sending a chunk; is the base_url an "
+                               "OpenAI-compatible /v1 endpoint?")
 
 
 def _payload(req: ChatRequest) -> dict[str, Any]:
     return req.model_dump(exclude_none=True, exclude=NOT_FORWARDED)
 
+
+# ---- the exception boundary ----------------------------------------------------------------------------------
+
+@contextmanager
+def _boundary(binding: Binding) -> Iterator[None]:
+    """Map whatever the SDK, httpx or a reply throws into our tree. Cancellation passes through untouched."""
+    import openai
+
+    try:
+        yield
+    except SlmSwapError:
+        raise
+    except openai.APITimeoutError:
+        opts = binding.options
+        tries = f" ({opts.max_retries + 1} attempts)" if getattr(opts, "max_retries", 0) else ""
+        raise UpstreamTimeout(f"{binding.name} timed out after {opts.timeout:g} s{tries}; raise the binding's "
+                              f"timeout (e.g. {binding.name}?timeout=120) or check the server") from None
+    except openai.APIStatusError as exc:
+        raise BackendError(f"{binding.name} failed (HTTP {exc.status_code}): {_status_message(exc)}") from None
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__ or exc
+        raise BackendError(f"{binding.name} failed (connection failed: {type(cause).__name__}: "
+                           f"{str(cause)[:SHOWN]}); is the server at {_where(binding)} running?") from None
+    except openai.APIError as exc:
+        raise BadReply(f"{binding.name} sent a reply the openai SDK cannot read: {str(exc)[:SHOWN]}") from None
+    except Exception as exc:  # a malformed stream event, a decode error inside the SDK, ...
+        raise BadReply(f"{binding.name} sent a reply slm-swap cannot read ({type(exc).__name__}: "
+                       f"{str(exc)[:SHOWN]})") from None
+
+
+def _status_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else None
+        if isinstance(message, str):
+            return message[:SHOWN]
+    return str(getattr(exc, "message", "") or type(exc).__name__)[:SHOWN]
+
+
+def _where(binding: Binding) -> str:
+    opts = binding.options
+    return getattr(opts, "base_url", None) or f"${getattr(opts, 'endpoint_env', 'base_url')}"
+
+
+# ---- reading replies -----------------------------------------------------------------------------------------
+
+def _json_body(binding: Binding, content: bytes, content_type: str | None) -> Any:
+    try:
+        return json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        shown = content[:80].decode("utf-8", "replace")
+        raise BadReply(f"{binding.name} replied with a body that is not JSON (content-type {content_type or 'none'}): "
+                       f"{shown!r}; is base_url the server's OpenAI-compatible /v1 endpoint?") from None
+
+
+def read_reply(binding: Binding, data: Any) -> ChatResponse:
+    """A chat completion from whatever JSON came back: checked, with the common deviations normalised."""
+    if not isinstance(data, dict):
+        raise BadReply(f"{binding.name} replied with JSON {type(data).__name__}, not a chat completion object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise BadReply(f"{binding.name} replied with no choices ({_shape(data)}); nothing to answer with")
+    first = dict(choices[0])
+    message = first.get("message")
+    if not isinstance(message, dict):
+        raise BadReply(f"{binding.name} replied with a choice that has no message ({_shape(first)})")
+    first["message"] = _message(message)
+    first["finish_reason"] = finish_reason(first.get("finish_reason"), bool(first["message"].get("tool_calls")))
+    body = {**data, "choices": [first], "usage": read_usage(data.get("usage"))}
+    try:
+        return ChatResponse.model_validate(body)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(map(str, problem["loc"]))
+        raise BadReply(f"{binding.name} replied in a shape slm-swap cannot read: {where}: {problem['msg']}") from None
+
+
+def read_chunk(binding: Binding, data: dict[str, Any]) -> ChatChunk:
+    for choice in data.get("choices") or []:
+        if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+            calls = bool((choice.get("delta") or {}).get("tool_calls"))
+            choice["finish_reason"] = finish_reason(choice["finish_reason"], calls)
+    if data.get("usage") is not None:
+        data["usage"] = read_usage(data["usage"])
+    try:
+        return ChatChunk.model_validate(data)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise BadReply(f"{binding.name} streamed a chunk slm-swap cannot read: "
+                       f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    out = {**message, "role": "assistant"}
+    content = message.get("content")
+    if isinstance(content, list):  # content parts
+        out["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict)) or None
+    legacy = message.get("function_call")
+    if not message.get("tool_calls") and isinstance(legacy, dict) and legacy.get("name"):
+        out["tool_calls"] = [{"type": "function", "function": legacy}]
+    for call in out.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and not isinstance(fn.get("arguments", ""), str):
+            fn["arguments"] = json.dumps(fn["arguments"])  # some servers send the arguments as an object
+    out.pop("function_call", None)
+    return out
+
+
+def finish_reason(value: Any, has_calls: bool) -> str:
+    """One of OpenAI's four finish reasons for what a server said (`function_call` → `tool_calls`, ...)."""
+    if value in FINISH_REASONS:
+        return value
+    if value in FINISH_ALIASES:
+        return FINISH_ALIASES[value]
+    return "tool_calls" if has_calls else "stop"
+
+
+def read_usage(usage: Any) -> dict[str, Any]:
+    """Token counts as reported; missing or malformed counts are recorded as unknown (`source="unknown"`)."""
+    if not isinstance(usage, dict):
+        return Usage(source="unknown").model_dump()
+    counts = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+    if not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+        return Usage(source="unknown").model_dump()
+    total = usage.get("total_tokens")
+    total = total if isinstance(total, int) else counts["prompt_tokens"] + counts["completion_tokens"]
+    return {**usage, **counts, "total_tokens": total}
+
+
+def _shape(data: dict[str, Any]) -> str:
+    return "keys: " + ", ".join(list(data)[:8]) if data else "an empty object"
+
+
+# ---- clients -------------------------------------------------------------------------------------------------
 
 def _env(name: str, binding: Binding, hint: str) -> str:
     value = os.environ.get(name)
@@ -76,7 +229,7 @@ def _azure_client(binding: Binding) -> Any:
     return AsyncAzureOpenAI(
         azure_endpoint=_env(opts.endpoint_env, binding, "your resource's https://<name>.openai.azure.com"),
         api_key=_env(opts.api_key_env, binding, "the resource's key"),
-        api_version=version, timeout=opts.timeout, max_retries=1,
+        api_version=version, timeout=opts.timeout, max_retries=0,  # retries are ours (app/backends/retry.py)
     )
 
 
@@ -88,11 +241,4 @@ def _openai_client(binding: Binding) -> Any:
     if not key and not opts.base_url:
         _env(opts.api_key_env, binding, "your API key, or set base_url for a local server")
     # Local OpenAI-compatible servers often need no key; the SDK insists on a non-empty string.
-    return AsyncOpenAI(base_url=opts.base_url, api_key=key or "not-needed", timeout=opts.timeout, max_retries=1)
-
-
-def _describe(binding: Binding, exc: Exception) -> str:
-    status = getattr(exc, "status_code", None)
-    message = getattr(exc, "message", None) or type(exc).__name__
-    where = f"HTTP {status}" if status else "connection failed"
-    return f"{binding.name} failed ({where}): {message}"
+    return AsyncOpenAI(base_url=opts.base_url, api_key=key or "not-needed", timeout=opts.timeout, max_retries=0)

@@ -97,11 +97,14 @@ def response_payload(resp: ChatResponse) -> dict[str, Any]:
     """What a call stores of its response: the first choice's content, tool calls and finish reason."""
     choice = resp.choices[0]
     calls = choice.message.tool_calls
-    return {
+    payload = {
         "content": choice.message.content,
         "tool_calls": [c.model_dump(exclude_none=True) for c in calls] if calls else None,
         "finish_reason": choice.finish_reason,
     }
+    if not resp.usage.known:
+        payload["usage"] = "unknown"  # the upstream sent no token counts: the call's zeros are not counts
+    return payload
 
 
 def call_summary(call: CallRecord) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from app.bindings import Binding
 from app.capture.records import CallRecord, request_payload, response_payload
 from app.config import Settings
 from app.cost import cost_usd
-from app.errors import SlmSwapError
+from app.errors import BackendError, BadReply, SlmSwapError
 from app.routing.routes import Route, build_route, pick_binding
 from app.validation import Verdict, validate_output
 from app.wire import (
@@ -47,15 +47,18 @@ class Router:
         return self._routes[name]
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
-        """Answer one chat request on its route's binding; the response carries `slmswap` call info."""
+        """Answer one chat request on its route's binding; the response carries `slmswap` call info.
+
+        Every attempt is captured, failed and aborted ones included; whatever a backend throws reaches the caller
+        as an SlmSwapError (cancellation is captured as `aborted` and re-raised as it is).
+        """
         route = self.route(req.model)
         binding = pick_binding(route)
         started = time.perf_counter()
         try:
-            resp = await self.backends.get(binding).complete(req)
-        except Exception as exc:
-            await self._capture_failure(req, route, binding, started, exc)
-            raise
+            resp = checked_reply(binding, await self.backends.get(binding).complete(req))
+        except BaseException as exc:
+            raise self._failed(req, route, binding, started, exc) from None
         latency_ms = (time.perf_counter() - started) * 1000
         info = await self._finish(req, route, binding, resp, latency_ms)
         resp.model, resp.slmswap = binding.name, info
@@ -72,9 +75,8 @@ class Router:
                 acc.add(chunk)
                 chunk.model = binding.name
                 yield chunk
-        except Exception as exc:
-            await self._capture_failure(req, route, binding, started, exc)
-            raise
+        except BaseException as exc:
+            raise self._failed(req, route, binding, started, exc, acc.response()) from None
         latency_ms = (time.perf_counter() - started) * 1000
         info = await self._finish(req, route, binding, acc.response(), latency_ms)
         yield ChatChunk(id=acc.id or "chatcmpl-" + uuid.uuid4().hex, model=binding.name,
@@ -101,26 +103,49 @@ class Router:
         await self._capture(req, info, response_payload(resp), usage, teacher_cost)
         return info
 
-    async def _capture_failure(self, req, route: Route, binding: Binding, started: float, exc: Exception) -> None:
-        detail = str(exc) if isinstance(exc, SlmSwapError) else f"{type(exc).__name__}: {exc}"
+    def _failed(self, req: ChatRequest, route: Route, binding: Binding, started: float, exc: BaseException,
+                partial: ChatResponse | None = None) -> BaseException:
+        """Capture a failed or aborted attempt; returns what the caller must raise (our error, or the cancellation)."""
+        aborted = not isinstance(exc, Exception)  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
+        error = exc if aborted or isinstance(exc, SlmSwapError) else BackendError(
+            f"{binding.name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        kind = "aborted" if aborted else getattr(error, "capture_type", "backend_error")
+        detail = "the caller went away before the answer was complete" if aborted else str(error)
         info = CallInfo(call_id=uuid.uuid4().hex, route=route.name, binding=binding.name,
-                        template_id=req.meta("template_id"), valid=False, error_type="backend_error",
+                        template_id=req.meta("template_id"), valid=False, error_type=kind,
                         error_detail=detail[:2000], latency_ms=(time.perf_counter() - started) * 1000)
-        await self._capture(req, info, None, Usage(), 0.0)
+        # Synchronous on purpose: an aborted call may have no event loop turn left to await a write in
+        # (a cancelled task, an async generator being closed). The commit takes milliseconds.
+        self._capture_now(req, info, response_payload(partial) if partial and aborted else None)
+        return error
 
-    async def _capture(self, req: ChatRequest, info: CallInfo, response: dict | None, usage: Usage,
-                       teacher_cost: float) -> None:
-        if self.store is None:
-            return
-        await self.store.arecord(CallRecord(
+    def _record(self, req: ChatRequest, info: CallInfo, response: dict | None, usage: Usage,
+                teacher_cost: float) -> CallRecord:
+        return CallRecord(
             id=info.call_id, run_id=req.meta("run_id"), route=info.route, agent=req.meta("agent") or info.route,
             binding=info.binding, template_id=info.template_id, source=req.meta("source") or "graph",
             request=request_payload(req), response=response, valid=info.valid, error_type=info.error_type,
             error_detail=info.error_detail, latency_ms=info.latency_ms, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, cost_usd=info.cost_usd, teacher_cost_usd=teacher_cost,
             created_at=datetime.now(timezone.utc),
-        ))
+        )
 
+    async def _capture(self, req: ChatRequest, info: CallInfo, response: dict | None, usage: Usage,
+                       teacher_cost: float) -> None:
+        if self.store is not None:
+            await self.store.arecord(self._record(req, info, response, usage, teacher_cost))
+
+    def _capture_now(self, req: ChatRequest, info: CallInfo, response: dict | None) -> None:
+        if self.store is not None:
+            self.store.record(self._record(req, info, response, Usage(), 0.0))
+
+
+def checked_reply(binding: Binding, resp: Any) -> ChatResponse:
+    """The backend's reply, or BadReply when it is not a response with at least one choice."""
+    if not isinstance(resp, ChatResponse) or not resp.choices:
+        what = "no choices" if isinstance(resp, ChatResponse) else type(resp).__name__
+        raise BadReply(f"{binding.name} answered with {what}, not a chat completion")
+    return resp
 
 
 class _StreamAccumulator:

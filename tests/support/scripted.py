@@ -101,7 +101,7 @@ def to_response(reply: Any) -> ChatResponse:
 
 def install() -> None:
     register_kind("scripted", BindingOptions)
-    register_backend("scripted", ScriptedBackend)
+    register_backend("scripted", ScriptedBackend, pricing="hosted")
 
 
 install()
