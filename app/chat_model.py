@@ -2,7 +2,7 @@
 
 Graph nodes talk to models through this class, so LangChain callbacks (Langfuse's handler among them) see every
 node call as a chat-model run, and `bind_tools` / `with_structured_output` work as with any LangChain model.
-Each call carries its route, template id and run id to the Router in the request's `metadata`.
+Each call passes who is calling (route, template id, run id) to the Router as a CallContext beside the request.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict
 
+from app.routing.context import CallContext
 from app.toolplan import from_langchain
 from app.wire import ChatRequest, ChatResponse, Message, ToolCall
 
@@ -56,7 +57,7 @@ class RouterChatModel(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        resp = await self.router.complete(self.to_request(messages, stop, **kwargs))
+        resp = await self.router.complete(self.to_request(messages, stop, **kwargs), self.context())
         return to_chat_result(resp)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -66,12 +67,13 @@ class RouterChatModel(BaseChatModel):
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(asyncio.run, self._agenerate(messages, stop, None, **kwargs)).result()
 
+    def context(self) -> CallContext:
+        return CallContext(route=self.route, run_id=self.run_id, template_id=self.template_id, source=self.source)
+
     def to_request(self, messages: list[BaseMessage], stop: list[str] | None = None, **kwargs: Any) -> ChatRequest:
-        metadata = {"agent": self.route, "source": self.source}
-        metadata.update({k: v for k, v in (("template_id", self.template_id), ("run_id", self.run_id)) if v})
         params = {"max_tokens": self.max_tokens, "temperature": self.temperature, "stop": stop}
         params.update({k: v for k, v in kwargs.items() if k in ChatRequest.model_fields})
-        return ChatRequest(model=self.route, messages=[to_wire_message(m) for m in messages], metadata=metadata,
+        return ChatRequest(model=self.route, messages=[to_wire_message(m) for m in messages],
                            **{k: v for k, v in params.items() if v is not None})
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,

@@ -71,7 +71,7 @@ class ChatRequest(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     max_completion_tokens: int | None = None
     max_tokens: int | None = None
-    metadata: dict[str, str] | None = None  # run_id, agent, template_id travel here
+    metadata: dict[str, str] | None = None  # the client's own; who is calling travels in a CallContext instead
     n: int | None = None
     parallel_tool_calls: bool | None = None
     presence_penalty: float | None = None

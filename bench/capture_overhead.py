@@ -19,20 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.capture.store import CaptureStore  # noqa: E402
 from app.config import load_settings  # noqa: E402
+from app.routing.context import CallContext  # noqa: E402
 from app.routing.router import Router  # noqa: E402
 from app.wire import ChatRequest  # noqa: E402
 from tests.support.scripted import scripted  # noqa: E402
 
 REQUEST = ChatRequest(model="bench", messages=[{"role": "system", "content": "You are terse."},
-                                               {"role": "user", "content": "Say ok."}],
-                      metadata={"run_id": "bench", "template_id": "bench/base@1"})
+                                               {"role": "user", "content": "Say ok."}])
+CONTEXT = CallContext(route="bench", run_id="bench", template_id="bench/base@1")
 
 
 async def sequential(router: Router, n: int) -> list[float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        await router.complete(REQUEST)
+        await router.complete(REQUEST, CONTEXT)
         times.append((time.perf_counter() - t) * 1000)
     return times
 
@@ -42,7 +43,7 @@ async def concurrent(router: Router, n: int, width: int) -> float:
 
     async def one():
         async with sem:
-            await router.complete(REQUEST)
+            await router.complete(REQUEST, CONTEXT)
 
     t = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from app.chat_model import RouterChatModel
 from app.config import load_settings
+from app.routing.context import CallContext
 from app.routing.router import Router
 from app.wire import ToolCall
 from tests.support.scripted import tool
@@ -36,8 +37,8 @@ def test_bind_tools_maps_choices_and_returns_tool_calls(model, scripted):
     ai = model.bind_tools([run_sql], tool_choice="any", parallel_tool_calls=False).invoke("go")
     req = scripted("m").requests[0]
     assert req.tool_choice == "required" and req.parallel_tool_calls is False
-    assert req.tools[0].function.name == "run_sql" and req.metadata == {
-        "agent": "retrieval", "source": "graph", "template_id": "retrieval/base@1", "run_id": "r1"}
+    assert req.tools[0].function.name == "run_sql" and req.metadata is None  # who calls is not in the payload
+    assert model.context() == CallContext(route="retrieval", run_id="r1", template_id="retrieval/base@1")
     assert ai.tool_calls[0]["name"] == "run_sql" and ai.tool_calls[0]["args"] == {"query": "SELECT 1"}
     assert ai.response_metadata["slmswap"]["valid"] and ai.usage_metadata["output_tokens"] > 0
     model.bind_tools([run_sql], tool_choice="run_sql").invoke("go")

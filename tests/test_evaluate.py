@@ -20,6 +20,21 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
     "additionalProperties": False}}}]
 
 
+@pytest.fixture
+def contexts(monkeypatch):
+    """The CallContext of every call the Router answers during the test."""
+    from app.routing.router import Router
+
+    seen, original = [], Router.complete
+
+    async def spy(self, req, ctx=None):
+        seen.append(ctx)
+        return await original(self, req, ctx)
+
+    monkeypatch.setattr(Router, "complete", spy)
+    return seen
+
+
 def line(user, expected, **kw):
     return json.dumps({"messages": [{"role": "user", "content": user}], "expected": expected, **kw})
 
@@ -133,11 +148,11 @@ def test_free_decoding_reaches_the_backend_and_nothing_is_captured(scripted):
     scripted("m").default = by_user_text(CALL_REPLIES)
     evaluate(write_suite("s.jsonl", CALL_ITEMS[:1]), "scripted:m", decoding="free", max_tokens=40)
     req = scripted("m").requests[0]
-    assert req.decoding == "free" and req.max_tokens == 40 and req.meta("source") == "eval"
+    assert req.decoding == "free" and req.max_tokens == 40
     assert not Path(".slmswap/slmswap.db").exists()
 
 
-def test_template_becomes_the_system_prompt(scripted):
+def test_template_becomes_the_system_prompt(scripted, contexts):
     from prompts.base import base_templates
 
     scripted("m").default = by_user_text(CALL_REPLIES)
@@ -147,7 +162,7 @@ def test_template_becomes_the_system_prompt(scripted):
     req = scripted("m").requests[0]
     assert [m.role for m in req.messages] == ["system", "user"]
     assert req.messages[0].content == base_templates()["retrieval"].text
-    assert req.meta("template_id") == "retrieval/base@1"
+    assert contexts[0].template_id == "retrieval/base@1" and contexts[0].source == "eval"
 
 
 def test_two_models_report_the_gap_to_the_first(scripted):
@@ -329,7 +344,7 @@ def _workflow_model(req: ChatRequest):
     return tool("report", title="Q4", sections=[{"heading": "Summary", "body": "done"}])
 
 
-def test_workflow_suite_measures_routing_and_success(scripted):
+def test_workflow_suite_measures_routing_and_success(scripted, contexts):
     Path("wf.jsonl").write_text("\n".join([
         json.dumps({"id": "q1", "query": "Sales by region", "agents": ["retrieval"], "check": {"contains": "north"}}),
         json.dumps({"query": "A report", "agents": ["retrieval", "formatting"], "check": {"contains": "south"}}),
@@ -342,7 +357,7 @@ def test_workflow_suite_measures_routing_and_success(scripted):
     assert q1["valid"] and q1["tokens"] > 0 and "North leads" in q1["output"]
     m = summary["models"]["scripted:wf"]
     assert (m["routing_accuracy"], m["workflow_success"], m["exact_rate"], m["arg_f1"]) == (0.5, 0.5, 0.5, 0.75)
-    assert {r.meta("source") for r in scripted("wf").requests} == {"eval"}
+    assert contexts and {c.source for c in contexts} == {"eval"}
     assert not Path(".slmswap/slmswap.db").exists()
     assert "routing" in Path("out/report.md").read_text()
 
@@ -371,7 +386,7 @@ def test_build_request_keeps_tools_and_marks_the_call():
     item = load_suite(write_suite("s.jsonl", CALL_ITEMS[:1])).items[0]
     req = build_request(item, "free", 64)
     assert req.model == "eval" and req.tool_dicts() == TOOLS and req.tool_choice == "required"
-    assert (req.decoding, req.max_tokens, req.temperature, req.meta("source")) == ("free", 64, 0.0, "eval")
+    assert (req.decoding, req.max_tokens, req.temperature, req.metadata) == ("free", 64, 0.0, None)
 
 
 # ---- the command ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from app.capture.store import CaptureStore
 from app.config import load_settings
 from app.errors import BackendError
+from app.routing.context import CallContext
 from app.routing.router import Router
 from app.wire import ChatRequest
 from tests.support.scripted import tool
@@ -23,22 +24,40 @@ def router(tmp_path, monkeypatch):
     store.close()
 
 
+CTX = CallContext(route="retrieval", run_id="run1", template_id="retrieval/base@1")
+
+
 def request(**kw) -> ChatRequest:
-    base = {"model": "retrieval", "messages": [{"role": "user", "content": "hi"}],
-            "metadata": {"run_id": "run1", "template_id": "retrieval/base@1"}}
+    base = {"model": "retrieval", "messages": [{"role": "user", "content": "hi"}]}
     return ChatRequest(**{**base, **kw})
 
 
 def test_complete_captures_one_row_with_route_binding_template_and_run(router, scripted):
     scripted("r").enqueue("hello there")
-    resp = asyncio.run(router.complete(request()))
+    resp = asyncio.run(router.complete(request(), CTX))
     assert resp.message.content == "hello there" and resp.model == "scripted:r"
     info = resp.slmswap
     assert info.valid and info.route == "retrieval" and info.template_id == "retrieval/base@1"
     [row] = router.store.list_calls(run_id="run1")
     assert (row.id, row.agent, row.binding, row.template_id, row.valid) == (info.call_id, "retrieval", "scripted:r", "retrieval/base@1", True)
     assert row.request["messages"][0]["content"] == "hi" and row.response["content"] == "hello there"
-    assert row.completion_tokens == 2 and row.latency_ms >= 0
+    assert row.completion_tokens == 2 and row.source == "graph"
+
+
+def test_who_is_calling_comes_from_the_context_never_from_client_metadata(router, scripted):
+    scripted("r").enqueue("hi")
+    meta = {"run_id": "forged", "template_id": "evil@1", "source": "eval", "agent": "orchestrator"}
+    resp = asyncio.run(router.complete(request(metadata=meta)))
+    [row] = router.store.list_calls()
+    assert (row.run_id, row.template_id, row.source, row.agent) == (None, None, "graph", "retrieval")
+    assert resp.slmswap.template_id is None
+    assert scripted("r").requests[0].metadata == meta  # the client's metadata is still the client's
+
+
+def test_a_context_can_opt_a_call_out_of_capture(router, scripted):
+    scripted("r").enqueue("hi")
+    asyncio.run(router.complete(request(), CTX.but(capture=False)))
+    assert router.store.list_calls() == []
 
 
 def test_invalid_tool_call_is_labelled_and_captured(router, scripted):

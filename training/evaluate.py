@@ -29,6 +29,7 @@ from typing import Any
 
 from app.config import Settings, load_settings
 from app.errors import BackendError, SlmSwapError, UsageError
+from app.routing.context import CallContext
 from app.routing.router import Router
 from app.validation import ParsedCall, parse_calls
 from app.wire import AssistantMessage, ChatRequest, ChatResponse
@@ -158,14 +159,13 @@ def with_template(messages: list[dict[str, Any]], text: str) -> list[dict[str, A
 
 def build_request(item: EvalItem, decoding: str, max_tokens: int,
                   template: dict[str, str] | None = None) -> ChatRequest:
-    """The chat request an item sends (greedy; metadata marks it as an eval call)."""
+    """The chat request an item sends (greedy)."""
     messages = with_template(item.messages, template["text"]) if template else item.messages
-    meta = {"source": "eval", "agent": EVAL_ROUTE, **({"template_id": template["id"]} if template else {})}
     return ChatRequest(model=EVAL_ROUTE, messages=messages, tools=item.tools,
                        tool_choice=item.tool_choice if item.tools else None,
                        parallel_tool_calls=item.parallel_tool_calls if item.tools else None,
                        response_format=item.response_format, max_tokens=max_tokens, temperature=0.0,
-                       decoding=decoding, metadata=meta)
+                       decoding=decoding)
 
 
 def raw_output(message: AssistantMessage) -> str:
@@ -243,12 +243,12 @@ class EvalRouter(Router):
         super().__init__(settings, store=None)
         self.decoding = decoding
 
-    async def complete(self, req: ChatRequest) -> ChatResponse:
-        meta = {**(req.metadata or {}), "source": "eval"}
-        req = req.model_copy(update={"decoding": self.decoding, "metadata": meta})
+    async def complete(self, req: ChatRequest, ctx: CallContext | None = None) -> ChatResponse:
+        ctx = (ctx or CallContext(route=req.model)).but(source="eval")
+        req = req.model_copy(update={"decoding": self.decoding})
         tally = _TALLY.get()
         try:
-            resp = await super().complete(req)
+            resp = await super().complete(req, ctx)
         except Exception as exc:
             if tally is not None:
                 tally.errors.append(exc)  # sub-agents swallow backend errors; the run must still see them
@@ -328,7 +328,8 @@ def _describe(exc: BaseException, item: EvalItem) -> str:
 
 def item_asker(router: Router, options: EvalOptions, template: dict | None) -> Asker:
     async def ask(item: EvalItem, binding: str) -> dict[str, Any]:
-        resp = await router.complete(build_request(item, options.decoding, options.max_tokens, template))
+        ctx = CallContext(route=EVAL_ROUTE, template_id=template["id"] if template else None, source="eval")
+        resp = await router.complete(build_request(item, options.decoding, options.max_tokens, template), ctx)
         return item_row(item, binding, resp)
 
     return ask

@@ -18,6 +18,7 @@ from app.capture.records import CallRecord, request_payload, response_payload
 from app.config import Settings
 from app.cost import cost_usd
 from app.errors import BackendError, BadReply, SlmSwapError
+from app.routing.context import CallContext
 from app.routing.routes import Route, build_route, pick_binding
 from app.validation import Verdict, validate_output
 from app.wire import (
@@ -46,27 +47,29 @@ class Router:
             self._routes[name] = build_route(self.settings, name)
         return self._routes[name]
 
-    async def complete(self, req: ChatRequest) -> ChatResponse:
+    async def complete(self, req: ChatRequest, ctx: CallContext | None = None) -> ChatResponse:
         """Answer one chat request on its route's binding; the response carries `slmswap` call info.
 
         Every attempt is captured, failed and aborted ones included; whatever a backend throws reaches the caller
         as an SlmSwapError (cancellation is captured as `aborted` and re-raised as it is).
         """
-        route = self.route(req.model)
+        ctx = ctx or CallContext(route=req.model)
+        route = self.route(ctx.route)
         binding = pick_binding(route)
         started = time.perf_counter()
         try:
             resp = checked_reply(binding, await self.backends.get(binding).complete(req))
         except BaseException as exc:
-            raise self._failed(req, route, binding, started, exc) from None
+            raise self._failed(req, ctx, route, binding, started, exc) from None
         latency_ms = (time.perf_counter() - started) * 1000
-        info = await self._finish(req, route, binding, resp, latency_ms)
+        info = await self._finish(req, ctx, route, binding, resp, latency_ms)
         resp.model, resp.slmswap = binding.name, info
         return resp
 
-    async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def stream(self, req: ChatRequest, ctx: CallContext | None = None) -> AsyncIterator[ChatChunk]:
         """Stream one chat request; the last chunk carries usage and the `slmswap` call info."""
-        route = self.route(req.model)
+        ctx = ctx or CallContext(route=req.model)
+        route = self.route(ctx.route)
         binding = pick_binding(route)
         started = time.perf_counter()
         acc = _StreamAccumulator()
@@ -76,13 +79,13 @@ class Router:
                 chunk.model = binding.name
                 yield chunk
         except BaseException as exc:
-            raise self._failed(req, route, binding, started, exc, acc.response()) from None
+            raise self._failed(req, ctx, route, binding, started, exc, acc.response()) from None
         latency_ms = (time.perf_counter() - started) * 1000
-        info = await self._finish(req, route, binding, acc.response(), latency_ms)
+        info = await self._finish(req, ctx, route, binding, acc.response(), latency_ms)
         yield ChatChunk(id=acc.id or "chatcmpl-" + uuid.uuid4().hex, model=binding.name,
                         choices=[ChunkChoice(delta=DeltaMessage(), finish_reason=None)], usage=acc.usage, slmswap=info)
 
-    async def _finish(self, req: ChatRequest, route: Route, binding: Binding, resp: ChatResponse,
+    async def _finish(self, req: ChatRequest, ctx: CallContext, route: Route, binding: Binding, resp: ChatResponse,
                       latency_ms: float) -> CallInfo:
         message, finish_reason, usage = resp.message, resp.choices[0].finish_reason, resp.usage
         tool_calls = [tc.model_dump() for tc in message.tool_calls or []]
@@ -95,15 +98,15 @@ class Router:
             # Structured output cut short may still parse (a closed prefix); it is not what was asked for.
             verdict = Verdict(False, "invalid_json", "output cut at max_tokens", (), None)
         info = CallInfo(
-            call_id=uuid.uuid4().hex, route=route.name, binding=binding.name, template_id=req.meta("template_id"),
+            call_id=uuid.uuid4().hex, route=route.name, binding=binding.name, template_id=ctx.template_id,
             valid=verdict.valid, error_type=verdict.error_type, error_detail=verdict.detail, latency_ms=latency_ms,
             cost_usd=cost_usd(binding, usage.prompt_tokens, usage.completion_tokens),
         )
         teacher_cost = cost_usd(route.teacher, usage.prompt_tokens, usage.completion_tokens)
-        await self._capture(req, info, response_payload(resp), usage, teacher_cost)
+        await self._capture(req, ctx, info, response_payload(resp), usage, teacher_cost)
         return info
 
-    def _failed(self, req: ChatRequest, route: Route, binding: Binding, started: float, exc: BaseException,
+    def _failed(self, req: ChatRequest, ctx: CallContext, route: Route, binding: Binding, started: float, exc: BaseException,
                 partial: ChatResponse | None = None) -> BaseException:
         """Capture a failed or aborted attempt; returns what the caller must raise (our error, or the cancellation)."""
         aborted = not isinstance(exc, Exception)  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
@@ -112,32 +115,32 @@ class Router:
         kind = "aborted" if aborted else getattr(error, "capture_type", "backend_error")
         detail = "the caller went away before the answer was complete" if aborted else str(error)
         info = CallInfo(call_id=uuid.uuid4().hex, route=route.name, binding=binding.name,
-                        template_id=req.meta("template_id"), valid=False, error_type=kind,
+                        template_id=ctx.template_id, valid=False, error_type=kind,
                         error_detail=detail[:2000], latency_ms=(time.perf_counter() - started) * 1000)
         # Synchronous on purpose: an aborted call may have no event loop turn left to await a write in
         # (a cancelled task, an async generator being closed). The commit takes milliseconds.
-        self._capture_now(req, info, response_payload(partial) if partial and aborted else None)
+        self._capture_now(req, ctx, info, response_payload(partial) if partial and aborted else None)
         return error
 
-    def _record(self, req: ChatRequest, info: CallInfo, response: dict | None, usage: Usage,
+    def _record(self, req: ChatRequest, ctx: CallContext, info: CallInfo, response: dict | None, usage: Usage,
                 teacher_cost: float) -> CallRecord:
         return CallRecord(
-            id=info.call_id, run_id=req.meta("run_id"), route=info.route, agent=req.meta("agent") or info.route,
-            binding=info.binding, template_id=info.template_id, source=req.meta("source") or "graph",
+            id=info.call_id, run_id=ctx.run_id, route=info.route, agent=ctx.agent_name,
+            binding=info.binding, template_id=info.template_id, source=ctx.source,
             request=request_payload(req), response=response, valid=info.valid, error_type=info.error_type,
             error_detail=info.error_detail, latency_ms=info.latency_ms, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, cost_usd=info.cost_usd, teacher_cost_usd=teacher_cost,
             created_at=datetime.now(timezone.utc),
         )
 
-    async def _capture(self, req: ChatRequest, info: CallInfo, response: dict | None, usage: Usage,
-                       teacher_cost: float) -> None:
-        if self.store is not None:
-            await self.store.arecord(self._record(req, info, response, usage, teacher_cost))
+    async def _capture(self, req: ChatRequest, ctx: CallContext, info: CallInfo, response: dict | None,
+                       usage: Usage, teacher_cost: float) -> None:
+        if self.store is not None and ctx.capture:
+            await self.store.arecord(self._record(req, ctx, info, response, usage, teacher_cost))
 
-    def _capture_now(self, req: ChatRequest, info: CallInfo, response: dict | None) -> None:
-        if self.store is not None:
-            self.store.record(self._record(req, info, response, Usage(), 0.0))
+    def _capture_now(self, req: ChatRequest, ctx: CallContext, info: CallInfo, response: dict | None) -> None:
+        if self.store is not None and ctx.capture:
+            self.store.record(self._record(req, ctx, info, response, Usage(), 0.0))
 
 
 def checked_reply(binding: Binding, resp: Any) -> ChatResponse:
