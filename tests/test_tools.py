@@ -250,6 +250,23 @@ def test_derive_column_rejects_anything_but_arithmetic(ctx, expression, says):
     assert list(ctx.datasets) == ["d"]
 
 
+
+@pytest.mark.parametrize("expression", ["1e308*1e308-1e308*1e308", "amount * 1e308 * 1e308", "1e999", "-1e999 + amount"])
+def test_derive_column_refuses_a_result_that_is_not_finite(ctx, expression):
+    ctx.datasets["d"] = [{"amount": 10.0, "quantity": 2}]
+    result = run_tool(PROCESSING_TOOLS, "derive_column", {"dataset": "d", "name": "x", "expression": expression}, ctx)
+    assert not result.ok and "not a finite number" in result.content and "scale the columns down" in result.content
+    assert list(ctx.datasets) == ["d"]  # nothing stored, NaN or otherwise
+
+
+def test_aggregate_refuses_a_sum_that_overflows(ctx):
+    ctx.datasets["d"] = [{"a": 1e308}, {"a": 1e308}, {"a": 0.5}]
+    for fn in ("sum", "avg"):
+        result = run_tool(PROCESSING_TOOLS, "aggregate", {"dataset": "d", "metrics": [{"column": "a", "fn": fn}]}, ctx)
+        assert not result.ok and f"the {fn} of 'a' is not a finite number" in result.content
+    assert list(ctx.datasets) == ["d"]
+
+
 # ---- validation ---------------------------------------------------------------------------------------------
 
 def test_validate_json_schema_passes_and_fails_with_specifics(ctx):
