@@ -1,7 +1,8 @@
 """The four sub-agents as one node function each: a task in, a result and any new datasets out.
 
-Every sub-agent is the same tool-calling loop with its own template and tools; a failed attempt (invalid output
-or an unresolved tool error) is retried with the error fed back, up to `workflow.max_retries` times.
+Every sub-agent is the same tool-calling loop with its own template and tools; a failed attempt (invalid output,
+an unresolved tool error, or a model call that raised) is retried with the error fed back, up to
+`workflow.max_retries` times.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from agents.loop import LoopOutcome, run_tool_loop
 from agents.tools import TOOLS_BY_AGENT, ToolContext, ensure_sales_db
-from app.errors import BackendError
+from app.errors import SlmSwapError
 
 PREVIEW_ROWS = 3
 
@@ -34,7 +35,7 @@ async def run_subagent(payload: dict[str, Any], services: Any) -> dict[str, Any]
         attempts += 1
         try:
             outcome = await run_tool_loop(model, messages, TOOLS_BY_AGENT[agent], ctx, wf.max_tool_turns)
-        except BackendError as exc:  # the model server failed: this task fails, the run goes on and reports it
+        except SlmSwapError as exc:  # the model call failed: this task fails, the run goes on and reports it
             outcome = LoopOutcome(False, "", str(exc))
         if outcome.ok:
             break

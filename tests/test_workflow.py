@@ -167,3 +167,17 @@ def test_without_a_formatting_step_the_answer_shows_the_last_dataset(services, s
         tool("run_sql", query="SELECT name AS region FROM regions ORDER BY name", as_name="regions"), "got regions")
     state, _ = run(services)
     assert "regions:" in state["answer"] and "| region |" in state["answer"] and "| West |" in state["answer"]
+
+
+def test_a_model_call_that_raises_any_slmswap_error_fails_the_task_not_the_run(services, scripted):
+    from app.errors import UsageError
+
+    scripted("orchestrator").enqueue(plan(["retrieval"], ["formatting"]))
+    scripted("retrieval").default = UsageError("the request has no messages; send at least one")
+    scripted("formatting").default = tool_then_text(REPORT, "formatted")
+    state, run_id = run(services)
+    retrieval = state["results"]["s0.0.retrieval"]
+    assert not retrieval["ok"] and retrieval["attempts"] == 2 and "no messages" in retrieval["error"]
+    assert state["results"]["s1.0.formatting"]["ok"]
+    assert "Not completed" in state["answer"] and "no messages" in state["answer"]
+    assert services.store.get_run(run_id).status == "ok"
