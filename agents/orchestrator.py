@@ -6,6 +6,7 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage, SystemMessage
 
+from agents.bounds import ANSWER_ERROR_CHARS, ANSWER_PART_CHARS, SUMMARY_RESULT_CHARS, clip
 from agents.plan import Plan, default_plan, normalise
 from agents.tools.formatting import render_table
 from agents.tools.tables import columns_of
@@ -41,23 +42,26 @@ async def aggregate(state: dict[str, Any], template: dict[str, str], services: A
 
 def results_text(results: list[dict[str, Any]]) -> str:
     return "\n".join(f"- {r['agent']} ({r['task']}): {'ok' if r['ok'] else 'FAILED'}: "
-                     f"{(r['output'] or r['error'] or '')[:600]}" for r in results) or "(no results)"
+                     f"{clip(r['output'] or r['error'] or '', SUMMARY_RESULT_CHARS, 'result')}"
+                     for r in results) or "(no results)"
 
 
 def compose_answer(summary: str, results: list[dict[str, Any]], plan_note: str | None,
                    datasets: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """Summary first; then what formatting produced (or, without it, the last dataset as a table); then every
-    failure, so none goes unreported."""
+    failure, so none goes unreported. The one bound on what tool results put into the answer (and so the store):
+    each part is cut on its own, so a huge output never hides the failures listed after it."""
     parts = [collapse_repeats(summary.strip()) or "No summary was produced."]
     formatted = []
     for r in results:
         if r["agent"] == "formatting" and r["ok"]:
             formatted += r.get("artifacts") or ([r["output"].strip()] if r["output"] else [])
-    parts += formatted or final_table(results, datasets or {})
+    parts += [clip(part, ANSWER_PART_CHARS, "output") for part in formatted or final_table(results, datasets or {})]
     failures = [r for r in results if not r["ok"]]
     if failures:
         parts.append("Not completed:\n" + "\n".join(
-            f"- {r['agent']} ({r['task']}): failed after {r['attempts']} attempt(s): {r['error']}" for r in failures))
+            f"- {r['agent']} ({r['task']}): failed after {r['attempts']} attempt(s): "
+            f"{clip(r['error'] or '', ANSWER_ERROR_CHARS, 'error')}" for r in failures))
     if plan_note:
         parts.append(f"Note: {plan_note}")
     return "\n\n".join(parts)

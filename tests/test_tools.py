@@ -14,6 +14,7 @@ from jsonschema import Draft202012Validator
 
 from agents.tools import (FORMATTING_TOOLS, PROCESSING_TOOLS, RETRIEVAL_TOOLS, TOOLS_BY_AGENT, VALIDATION_TOOLS,
                           ToolContext, ensure_sales_db, run_tool)
+from agents import bounds
 from agents.tools import base, sql
 
 ALL_TOOLS = [t for tools in TOOLS_BY_AGENT.values() for t in tools]
@@ -154,6 +155,62 @@ def test_runaway_query_is_stopped(ctx, monkeypatch):
     assert not result.ok and "too much work" in result.content
 
 
+@pytest.mark.parametrize("statement", [
+    "SELECT randomblob(999999999)",  # accepted before: 20 s and 2.9 GB
+    "SELECT randomblob(3e8) FROM regions",  # 4.3 GB
+    "SELECT randomblob(2000000)",
+    "SELECT zeroblob(2000000) AS z",
+    "SELECT group_concat(hex(randomblob(1000)), '') FROM orders",  # built up value by value
+])
+def test_sqlite_refuses_to_build_a_value_over_its_length_limit(ctx, statement):
+    result = run_tool(RETRIEVAL_TOOLS, "run_sql", {"query": statement}, ctx)
+    assert not result.ok and "larger than 1,000,000 bytes" in result.content and "leave that column out" in result.content
+    assert ctx.datasets == {}
+
+
+def test_a_result_wider_than_the_column_limit_is_refused_before_a_row_is_built(ctx):
+    wide = ", ".join(["v"] * 150)
+    result = run_tool(RETRIEVAL_TOOLS, "run_sql", {"query": f"WITH b(v) AS (SELECT zeroblob(999999)) SELECT {wide} FROM b"}, ctx)
+    assert not result.ok and "returns 150 columns; select at most 100" in result.content
+    call(ctx, "run_sql", query="WITH b(v) AS (SELECT 1) SELECT v, v AS w FROM b -- a trailing comment")
+    assert ctx.datasets["q1"] == [{"v": 1, "w": 1}]
+
+
+def test_a_stored_value_over_the_limit_is_refused_and_the_other_columns_still_read(tmp_path):
+    path = tmp_path / "docs.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE docs (id INTEGER, body TEXT)")
+        conn.execute("INSERT INTO docs VALUES (1, ?)", ("x" * 3_000_000,))
+    ctx = ToolContext(db_path=path)
+    for statement in ("SELECT body FROM docs", "SELECT substr(body, 1, 10) FROM docs"):
+        result = run_tool(RETRIEVAL_TOOLS, "run_sql", {"query": statement}, ctx)
+        assert not result.ok and "larger than 1,000,000 bytes" in result.content
+    call(ctx, "run_sql", query="SELECT id FROM docs")
+    assert ctx.datasets["q1"] == [{"id": 1}]
+
+
+def test_long_cells_are_cut_with_a_note(ctx):
+    result = call(ctx, "run_sql", query="SELECT hex(randomblob(5000)) AS h, randomblob(3000) AS b, 'short' AS s")
+    [row] = ctx.datasets["q1"]
+    assert row["h"].endswith(" [cut: cell was 10,000 characters; showing the first 2,000]")
+    assert len(row["h"].split(" ")[0]) == bounds.CELL_CHARS
+    assert row["b"].endswith(" [cut: cell was 3,000 bytes; showing the first 1,000]")
+    assert len(row["b"].split(" ")[0]) == 2_000  # 1,000 bytes as hex
+    assert row["s"] == "short"
+    assert "2 cell(s) over 2,000 characters cut" in result.content
+
+
+@pytest.mark.parametrize("source", ["orders", "orders a, orders b"])
+def test_the_fetch_stops_at_the_result_byte_limit(ctx, source):
+    # 5,000 (or 25 million) rows of a cut 10,000-character cell: the fetch stops at about 1 MB of kept cells,
+    # long before the work limit, so the cross join returns as quickly as the single table.
+    result = call(ctx, "run_sql", query=f"SELECT hex(randomblob(5000)) AS h FROM {source}")
+    rows = ctx.datasets["q1"]
+    size = sum(len(r["h"]) for r in rows)
+    assert bounds.RESULT_BYTES < size <= bounds.RESULT_BYTES + len(rows[0]["h"])
+    assert f"cut after {len(rows)} rows, at the 1,000,000-byte result limit" in result.content
+
+
 # ---- processing ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -250,6 +307,22 @@ def test_derive_column_rejects_anything_but_arithmetic(ctx, expression, says):
     assert list(ctx.datasets) == ["d"]
 
 
+@pytest.mark.parametrize("expression", ["1e308*1e308-1e308*1e308", "amount * 1e308 * 1e308", "1e999", "-1e999 + amount"])
+def test_derive_column_refuses_a_result_that_is_not_finite(ctx, expression):
+    ctx.datasets["d"] = [{"amount": 10.0, "quantity": 2}]
+    result = run_tool(PROCESSING_TOOLS, "derive_column", {"dataset": "d", "name": "x", "expression": expression}, ctx)
+    assert not result.ok and "not a finite number" in result.content and "scale the columns down" in result.content
+    assert list(ctx.datasets) == ["d"]  # nothing stored, NaN or otherwise
+
+
+def test_aggregate_refuses_a_sum_that_overflows(ctx):
+    ctx.datasets["d"] = [{"a": 1e308}, {"a": 1e308}, {"a": 0.5}]
+    for fn in ("sum", "avg"):
+        result = run_tool(PROCESSING_TOOLS, "aggregate", {"dataset": "d", "metrics": [{"column": "a", "fn": fn}]}, ctx)
+        assert not result.ok and f"the {fn} of 'a' is not a finite number" in result.content
+    assert list(ctx.datasets) == ["d"]
+
+
 # ---- validation ---------------------------------------------------------------------------------------------
 
 def test_validate_json_schema_passes_and_fails_with_specifics(ctx):
@@ -305,7 +378,14 @@ def test_report(ctx):
 def test_long_output_is_cut_for_the_model_but_kept_whole_in_the_artifact(sales):
     result = call(sales, "to_csv", dataset="sales")
     assert result.artifact.count("\n") == 5001
-    assert len(result.content) <= base.MAX_CONTENT_CHARS + 20 and result.content.endswith("(truncated)")
+    assert len(result.content) <= base.MAX_CONTENT_CHARS + 80
+    assert result.content.endswith(f" [cut: tool result was {len(result.artifact):,} characters; showing the first 1,500]")
+
+
+def test_a_long_cell_is_cut_in_a_markdown_table(ctx):
+    ctx.datasets["d"] = [{"note": "y" * 5000, "n": 1}]
+    table = call(ctx, "markdown_table", dataset="d").artifact
+    assert "| " + "y" * 200 + " [cut: cell was 5,000 characters; showing the first 200] | 1 |" in table
 
 
 # ---- bad calls ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,52 @@ def test_without_a_formatting_step_the_answer_shows_the_last_dataset(services, s
         tool("run_sql", query="SELECT name AS region FROM regions ORDER BY name", as_name="regions"), "got regions")
     state, _ = run(services)
     assert "regions:" in state["answer"] and "| region |" in state["answer"] and "| West |" in state["answer"]
+
+
+def test_a_model_call_that_raises_any_slmswap_error_fails_the_task_not_the_run(services, scripted):
+    from app.errors import UsageError
+
+    scripted("orchestrator").enqueue(plan(["retrieval"], ["formatting"]))
+    scripted("retrieval").default = UsageError("the request has no messages; send at least one")
+    scripted("formatting").default = tool_then_text(REPORT, "formatted")
+    state, run_id = run(services)
+    retrieval = state["results"]["s0.0.retrieval"]
+    assert not retrieval["ok"] and retrieval["attempts"] == 2 and "no messages" in retrieval["error"]
+    assert state["results"]["s1.0.formatting"]["ok"]
+    assert "Not completed" in state["answer"] and "no messages" in state["answer"]
+    assert services.store.get_run(run_id).status == "ok"
+
+
+def test_a_huge_cell_is_bounded_in_the_next_prompt_the_answer_and_the_store(services, scripted):
+    from agents import bounds
+
+    # 40 cells of 900,000 characters each (under SQLite's value limit, so the query runs): 36 MB before.
+    scripted("orchestrator").enqueue(plan(["retrieval"], ["formatting"]))
+    scripted("retrieval").default = tool_then_text(
+        tool("run_sql", query="SELECT region, hex(randomblob(450000)) AS big FROM sales LIMIT 40", as_name="big"), "fetched")
+    scripted("formatting").default = tool_then_text(tool("to_csv", dataset="big"), "formatted")
+    scripted("aggregate").enqueue("Here is the CSV.")
+    state, run_id = run(services)
+    assert all(r["ok"] for r in state["results"].values()), state["results"]
+    rows = state["datasets"]["s0.0.retrieval.big"]
+    assert len(rows) == 40 and all(r["big"].endswith("[cut: cell was 900,000 characters; showing the first 2,000]")
+                                  for r in rows)
+
+    prompt = scripted("formatting").requests[0].messages[1].content
+    assert "s0.0.retrieval.big: 40 rows" in prompt and "[cut: description was" in prompt
+    assert len(prompt) < 2_000
+    tool_turn = scripted("formatting").requests[1].messages[-1].text()
+    assert len(tool_turn) < bounds.TOOL_RESULT_CHARS + 100 and "[cut: tool result was" in tool_turn
+
+    answer = state["answer"]
+    assert answer.startswith("Here is the CSV.") and "region,big\n" in answer
+    assert "[cut: output was" in answer and len(answer) < bounds.ANSWER_PART_CHARS + 200
+
+    services.store.calls_for_run(run_id)  # flushes the batched capture writes
+    with sqlite3.connect(".slmswap/slmswap.db") as conn:
+        [(calls, largest_call)] = conn.execute(
+            "SELECT count(*), max(length(request) + length(coalesce(response, ''))) FROM calls WHERE run_id = ?",
+            (run_id,)).fetchall()
+        [(answer_size,)] = conn.execute("SELECT length(answer) FROM runs WHERE id = ?", (run_id,)).fetchall()
+    assert calls == 6 and largest_call < 20_000
+    assert answer_size == len(answer)

@@ -16,9 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agents.bounds import TOOL_RESULT_CHARS, clip
 from app.errors import ToolError
 
-MAX_CONTENT_CHARS = 1500  # a 135M model has a small context: keep every tool answer short
+MAX_CONTENT_CHARS = TOOL_RESULT_CHARS  # what run_tool lets into the next prompt (and so into the capture)
 Row = dict[str, Any]
 
 
@@ -141,10 +142,11 @@ def _error(message: str) -> ToolResult:
 
 
 def _truncate(result: ToolResult) -> ToolResult:
+    """The one bound on what a tool's result puts into the model's next prompt (and so into the capture)."""
     if len(result.content) <= MAX_CONTENT_CHARS:
         return result
-    cut = result.content[:MAX_CONTENT_CHARS].rsplit("\n", 1)[0]
-    return ToolResult(result.ok, cut + "\n... (truncated)", result.dataset, result.artifact)
+    return ToolResult(result.ok, clip(result.content, MAX_CONTENT_CHARS, "tool result"), result.dataset,
+                      result.artifact)
 
 
 def _clean(node: Any, defs: dict[str, Any]) -> Any:

@@ -1,12 +1,14 @@
 """Arithmetic over a row's columns (`amount / quantity * 100`), parsed with `ast` and walked by hand.
 
 Only numbers, column names, + - * / and parentheses are accepted; anything else (calls, attributes,
-`__import__`, `**`) is refused before evaluation, so model-written expressions never reach `eval`.
+`__import__`, `**`) is refused before evaluation, so model-written expressions never reach `eval`. A result
+that is not a finite number (an overflow to inf, or inf - inf = nan) is refused, never stored.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +32,7 @@ def compile_expression(text: str, columns: list[str]) -> Callable[[dict[str, Any
     except SyntaxError:
         raise ToolError(f"'{text}' is not an arithmetic expression; use {_ALLOWED}.") from None
     _check(tree, columns)
-    return lambda row: _evaluate(tree, row)
+    return lambda row: _finite(_evaluate(tree, row), text)
 
 
 def _check(node: ast.AST, columns: list[str]) -> None:
@@ -60,6 +62,13 @@ def _evaluate(node: ast.AST, row: dict[str, Any]) -> float | None:
     if left is None or right is None or (isinstance(node.op, ast.Div) and right == 0):
         return None
     return _BINARY[type(node.op)](left, right)
+
+
+def _finite(value: float | None, text: str) -> float | None:
+    if value is None or math.isfinite(value):
+        return value
+    raise ToolError(f"'{text}' gives {value}, not a finite number (a value passed 1e308); "
+                    "scale the columns down, e.g. divide by 1000 first.")
 
 
 def _number(value: Any, column: str) -> float | None:

@@ -12,6 +12,7 @@ import json
 
 from pydantic import Field
 
+from agents.bounds import TABLE_CELL_CHARS, clip
 from agents.tools.base import Args, Row, ToolContext, ToolResult, tool
 from agents.tools.tables import columns_of, count, fmt, get_rows, require_columns
 from app.errors import ToolError
@@ -90,7 +91,7 @@ def render_table(rows: list[Row], columns: list[str], max_rows: int) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return clip(str(text), TABLE_CELL_CHARS, "cell").replace("|", "\\|").replace("\n", " ")
 
 
 def _artifact(text: str) -> ToolResult:

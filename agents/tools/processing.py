@@ -166,7 +166,13 @@ def _apply(metric: Metric, rows: list[Row]) -> Any:
     if not values:
         return None
     exact = all(isinstance(v, int) for v in values)
-    total = sum(values) if exact else math.fsum(values)  # fsum: the sum of 5,000 prices has no drift
+    try:
+        total = sum(values) if exact else math.fsum(values)  # fsum: the sum of 5,000 prices has no drift
+    except OverflowError:
+        total = math.inf
+    if not exact and not math.isfinite(total):
+        raise ToolError(f"the {metric.fn} of '{metric.column}' is not a finite number (a value passed 1e308); "
+                        "scale the column down with derive_column first.")
     if metric.fn == "sum":
         return total if exact else _round(total)
     return _round(total / len(values))
