@@ -126,7 +126,9 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         raise ConfigError(_explain(exc, file)) from None
     finally:
         Settings._file_data = {}
-    _check_binding(settings, settings.default_binding, file, "default_binding")
+    # The environment overrides the file, so a bad value set there is on no line of the file.
+    from_env = any(name.upper() == f"{_ENV_PREFIX}DEFAULT_BINDING" for name in os.environ)
+    _check_binding(settings, settings.default_binding, None if from_env else file, "default_binding")
     for name, route in settings.routes.items():
         for binding in (route.teacher, route.student):
             if binding:

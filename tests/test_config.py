@@ -80,7 +80,8 @@ def test_bad_default_binding_names_file_and_line():
         load_settings()
 
 
-def test_bad_default_binding_from_the_environment_is_a_config_error(monkeypatch):
+def test_bad_default_binding_from_the_environment_names_the_environment(monkeypatch):
+    Path("slmswap.toml").write_text('default_binding = "gguf:gemma3-270m"\n')  # fine, and overridden
     monkeypatch.setenv("SLMSWAP_DEFAULT_BINDING", "gpt4")
     with pytest.raises(ConfigError, match=r"^environment: default_binding: "):
         load_settings()
