@@ -1,7 +1,7 @@
 """The `slmswap` command line: each command parses, calls one function, prints.
 
 Heavy libraries (llama_cpp, torch, langgraph) are imported inside commands, so `--help` is instant.
-Exit codes: 0 ok, 1 failure, 2 bad input.
+Exit codes: 0 ok, 1 failure, 2 bad input; a run stopped by Ctrl-C exits 130, by SIGTERM 143.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from app.capture.redact import redact_text
 from app.errors import SlmSwapError, UsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="slm-swap: move LLM calls of agent workflows to small local models.")
 calls_app = typer.Typer(no_args_is_help=True, help="Inspect captured model calls.")
 app.add_typer(calls_app, name="calls")
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
+app.add_typer(runs_app, name="runs")
 
 out = Console()
 err = Console(stderr=True)
@@ -30,11 +34,35 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="slmswap.toml to read (def
 
 def main() -> None:
     """Console-script entry point: SlmSwapError becomes a one-line message and its exit code, no traceback."""
+    from app.config import unknown_env_vars
+
     try:
+        check_argv(sys.argv[1:])
+        for warning in unknown_env_vars():
+            warn(warning)
         app()
     except SlmSwapError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        error(str(exc))
         sys.exit(exc.exit_code)
+
+
+def error(message: str) -> None:
+    """Print `message` on stderr as it is: never read as Rich markup (a binding may hold `[/x]`), and redacted."""
+    err.print(Text("error: ", style="red") + Text(redact_text(message)), highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err.print(Text("warning: ", style="yellow") + Text(redact_text(message)), highlight=False, soft_wrap=True)
+
+
+def check_argv(args: list[str]) -> None:
+    """UsageError naming the first argument that is not UTF-8 (Linux hands such bytes over surrogate-escaped)."""
+    for number, arg in enumerate(args, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"argument {number} ({shown!r}) is not valid UTF-8; pass the text UTF-8 encoded") from None
 
 
 @app.command()
@@ -52,7 +80,11 @@ def run(
         raise UsageError("the query is empty; pass a question, e.g. slmswap run \"Top 5 products by revenue\"")
     from graphs.runner import run_workflow  # the CLI is the composition root: the one place app reaches up
 
-    result = run_workflow(query, config_path=config, binding=binding, progress=None if as_json else err)
+    try:
+        result = run_workflow(query, config_path=config, binding=binding, progress=None if as_json else err)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (runner.Terminated); typer would exit 130 silently
+        error(f"{str(exc) or 'interrupted by the user'}; a run it started is marked interrupted (slmswap runs list)")
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     if as_json:
         out.print_json(json.dumps(result, default=str))
     else:
@@ -65,8 +97,8 @@ def print_run(result: dict[str, Any]) -> None:
     for column in ("agent", "binding", "template id", "latency ms", "tokens", "valid"):
         table.add_column(column, justify="right" if column in ("latency ms", "tokens") else "left")
     for c in result["calls"]:
-        table.add_row(c["agent"], c["binding"], c["template_id"] or "-", f"{c['latency_ms']:.0f}", str(c["tokens"]),
-                      "yes" if c["valid"] else f"no ({c['error_type']})")
+        table.add_row(*_cells(c["agent"], c["binding"], c["template_id"] or "-", f"{c['latency_ms']:.0f}",
+                              str(c["tokens"]), "yes" if c["valid"] else f"no ({c['error_type']})"))
     out.print(table)
 
 
@@ -123,9 +155,9 @@ def calls_list(
         table.add_column(column)
     for c in rows:
         s = call_summary(c)
-        table.add_row(c.id[:12], c.created_at.strftime("%Y-%m-%d %H:%M:%S"), s["agent"], s["binding"],
-                      s["template_id"] or "-", f"{s['latency_ms']:.0f}", str(s["tokens"]),
-                      "yes" if c.valid else f"no ({c.error_type})")
+        table.add_row(*_cells(c.id[:12], c.created_at.strftime("%Y-%m-%d %H:%M:%S"), s["agent"], s["binding"],
+                              s["template_id"] or "-", f"{s['latency_ms']:.0f}", str(s["tokens"]),
+                              "yes" if c.valid else f"no ({c.error_type})"))
     out.print(table)
 
 
@@ -151,8 +183,34 @@ def calls_stats(config: str | None = ConfigOpt, as_json: bool = typer.Option(Fal
     for column in ("agent", "calls", "valid %", "p50 ms"):
         table.add_column(column)
     for s in stats:
-        table.add_row(s.agent or "-", str(s.calls), f"{100 * s.valid_rate:.1f}", f"{s.p50_latency_ms:.0f}")
+        table.add_row(*_cells(s.agent or "-", str(s.calls), f"{100 * s.valid_rate:.1f}", f"{s.p50_latency_ms:.0f}"))
     out.print(table)
+
+
+@runs_app.command("list")
+def runs_list(
+    limit: int = typer.Option(20, "--limit", min=1, help="How many, newest first."),
+    config: str | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List workflow runs, newest first; a run whose process was killed shows as died. Example: slmswap runs list"""
+    from dataclasses import asdict
+
+    rows = _store(config).list_runs(limit=limit)
+    if as_json:
+        out.print_json(json.dumps([asdict(r) for r in rows], default=str))
+        return
+    table = Table()
+    for column in ("id", "started", "status", "query"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(*_cells(r.id[:12], r.started_at.strftime("%Y-%m-%d %H:%M:%S"), r.status, r.query[:60]))
+    out.print(table)
+
+
+def _cells(*values: str) -> list[Text]:
+    # A plain str cell is read as Rich markup; agents, bindings and template ids are the user's own text.
+    return [Text(v) for v in values]
 
 
 def _store(config: str | None):

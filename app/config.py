@@ -7,17 +7,19 @@ With no file at all every route is bound to `gguf:smollm2-135m` and the store is
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.bindings import Binding, parse_binding
-from app.errors import ConfigError
+from app.errors import ConfigError, UsageError
 
 DEFAULT_BINDING = "gguf:smollm2-135m"
 DEFAULT_FILE = "slmswap.toml"
@@ -87,12 +89,6 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         return (init_settings, env_settings, _FileSource(settings_cls, cls._file_data))
 
-    @field_validator("default_binding")
-    @classmethod
-    def _binding_parses(cls, value: str) -> str:
-        parse_binding(value)
-        return value
-
     def route(self, name: str) -> RouteConfig:
         """The route's config; a route not in the file is bound to the default binding."""
         route = self.routes.get(name) or RouteConfig()
@@ -130,6 +126,9 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         raise ConfigError(_explain(exc, file)) from None
     finally:
         Settings._file_data = {}
+    # The environment overrides the file, so a bad value set there is on no line of the file.
+    from_env = any(name.upper() == f"{_ENV_PREFIX}DEFAULT_BINDING" for name in os.environ)
+    _check_binding(settings, settings.default_binding, None if from_env else file, "default_binding")
     for name, route in settings.routes.items():
         for binding in (route.teacher, route.student):
             if binding:
@@ -138,9 +137,57 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     return settings
 
 
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each `SLMSWAP_*` variable that matches no setting (pydantic-settings ignores them silently).
+
+    >>> unknown_env_vars({"SLMSWAP_STORE_URL": "sqlite:///x.db"})
+    ['SLMSWAP_STORE_URL matches no setting and is ignored; did you mean SLMSWAP_STORE__URL?']
+    """
+    environ = os.environ if environ is None else environ
+    known = _env_names()
+    warnings = []
+    for name in sorted(n for n in environ if n.upper().startswith(_ENV_PREFIX)):
+        upper = name.upper()
+        if upper in known or upper.startswith(_ENV_MAPS):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the environment variables in README.md"
+        warnings.append(f"{name} matches no setting and is ignored; {hint}")
+    return warnings
+
+
+_ENV_PREFIX = "SLMSWAP_"
+# Tables keyed by the user's own names (routes.<route>.teacher, bindings."<binding>".timeout): any key is fine.
+_ENV_MAPS = (f"{_ENV_PREFIX}ROUTES__", f"{_ENV_PREFIX}BINDINGS__")
+
+
+def _env_names() -> set[str]:
+    """Every variable name pydantic-settings reads (a section as one JSON value, or each of its keys)."""
+    names = {f"{_ENV_PREFIX}CONFIG"}
+    for name, field in Settings.model_fields.items():
+        if name == "source":
+            continue
+        names.add(f"{_ENV_PREFIX}{name.upper()}")
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names.update(f"{_ENV_PREFIX}{name.upper()}__{key.upper()}" for key in section.model_fields)
+    return names
+
+
+def decode_utf8(path: Path, data: bytes, error: type[UsageError] = ConfigError) -> str:
+    """`data` (read from `path`) as text; `error` naming the file and line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise error(f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {column} is not UTF-8; "
+                    "save the file as UTF-8") from None
+
+
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = decode_utf8(file, file.read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"config file {file} does not exist; create it (see slmswap.example.toml) or drop --config") from None
     except OSError as exc:

@@ -5,7 +5,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,35 +82,124 @@ def test_missing_call_id_is_a_clear_error(capsys):
     assert code == 2 and "deadbeef" in err
 
 
+@pytest.mark.parametrize("args, shown", [
+    (["run", "hi", "--binding", "gguf:[/x]"], "GGUF model file not found: [/x]"),
+    (["run", "hi", "--config", "[/x].toml"], "config file [/x].toml does not exist"),
+    (["calls", "show", "[/x][red]"], "'[/x][red]'"),
+])
+def test_error_text_is_printed_literally_never_as_markup(capsys, args, shown):
+    code, _, err = slmswap(capsys, *args)
+    assert code == 2 and shown in err and "Traceback" not in err
+
+
+def test_error_text_is_redacted(capsys):
+    key = "sk-" + "a1b2c3d4" * 4
+    code, _, err = slmswap(capsys, "run", "hi", "--binding", f"gguf:{key}.gguf")
+    assert code == 2 and "GGUF model file not found" in err and key not in err
+
+
+def test_tables_print_user_text_literally(capsys, scripted):
+    scripted("[/x]").default = "fine"
+    code, out, err = slmswap(capsys, "run", "Top products", "--binding", "scripted:[/x]")
+    assert code == 0, err
+    assert "scripted:[/x]" in out
+    code, out, _ = slmswap(capsys, "calls", "list")
+    assert code == 0 and "scripted:[/x]" in out
+
+
+@pytest.mark.parametrize("url, shown, absent", [
+    ("postgresql://u@127.0.0.1/db", "pip install 'psycopg[binary]'", "pymysql"),
+    ("mysql://u@127.0.0.1/db", "pip install pymysql", "psycopg"),
+    ("not a url at all", "does not parse", "psycopg"),
+    ("nosuchdb://u@127.0.0.1/db", "'nosuchdb' is no database", "pip install"),
+])
+def test_bad_store_url_exits_2_with_a_hint_for_its_scheme(capsys, scripted, url, shown, absent):
+    Path("slmswap.toml").write_text(f'[store]\nurl = "{url}"\n')
+    code, _, err = slmswap(capsys, "calls", "list")
+    assert code == 2 and shown in err and absent not in err and "SLMSWAP_STORE__URL" in err, err
+
+
+def test_query_that_is_not_utf8_exits_2_naming_the_argument(capsys):
+    query = b"caf\xe9 sales".decode("utf-8", "surrogateescape")  # how Linux hands over invalid bytes in argv
+    code, _, err = slmswap(capsys, "run", query)
+    assert code == 2 and "argument 2 ('caf\\\\xe9 sales') is not valid UTF-8" in err, err
+    assert not Path(".slmswap").exists()  # refused before anything was opened
+
+
+def test_config_that_is_not_utf8_exits_2_naming_file_and_line(capsys):
+    Path("slmswap.toml").write_bytes(b'[workflow]\nmax_retries = 1\n# \xff\n')
+    code, _, err = slmswap(capsys, "run", "hi")
+    assert code == 2 and "slmswap.toml:3: byte 0xff" in err and "Traceback" not in err
+
+
+def test_suite_that_is_not_utf8_exits_2_naming_file_and_line(capsys, scripted):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}], "expected": {"content": "hi"}})
+    Path("s.jsonl").write_bytes(good.encode() + b"\n" + b'{"messages": "\xe9"}\n')
+    code, _, err = slmswap(capsys, "eval", "--suite", "jsonl:s.jsonl", "--model", "scripted:m", "--out", "o")
+    assert code == 2 and "s.jsonl:2: byte 0xe9" in err, err
+
+
+def test_misspelt_environment_variable_is_warned_about(capsys, monkeypatch):
+    monkeypatch.setenv("SLMSWAP_STORE_URL", "sqlite:///other.db")
+    code, _, err = slmswap(capsys, "calls", "list")
+    assert code == 0
+    assert "warning: SLMSWAP_STORE_URL matches no setting and is ignored; did you mean SLMSWAP_STORE__URL?" in err
+
+
+# The child's retrieval model says "ready" and then waits on an event nothing sets: the signal always lands
+# mid-run, after the orchestrator's call returned (and was recorded), whatever the machine's speed.
 CHILD = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
 from tests.support.scripted import scripted
-async def slow(req):
-    print("call", flush=True)
-    await asyncio.sleep(0.3)
-    return "slow answer"
-scripted("slow").default = lambda req: slow(req)
+async def block(req):
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+scripted("orch").enqueue({plan!r})
+scripted("block").default = block
 from app.cli import main
-sys.argv = ["slmswap", "run", "Analyze Q4 sales", "--binding", "scripted:slow"]
+sys.argv = ["slmswap", "run", "Analyze Q4 sales"]
 main()
 """
+PLAN = json.dumps({"sub_agents": ["retrieval"], "parallel": False, "aggregation_strategy": "report",
+                   "steps": [{"tasks": [{"agent": "retrieval", "task": "get the Q4 sales"}]}]})
 
 
-def test_ctrl_c_during_a_run_leaves_the_store_consistent(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT))], cwd=tmp_path,
+def start_blocked_run(tmp_path) -> subprocess.Popen:
+    """A `slmswap run` child process, returned once its run is blocked inside the retrieval agent's call."""
+    Path(tmp_path, "slmswap.toml").write_text('default_binding = "scripted:orch"\n'
+                                              '[routes.retrieval]\nteacher = "scripted:block"\n')
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT), plan=PLAN)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = 0
-    deadline = time.time() + 60
-    while seen < 3 and time.time() < deadline:
-        if proc.stdout.readline().startswith("call"):
-            seen += 1
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    line = proc.stdout.readline()  # blocks until the child is inside the call (or has exited: "")
+    if line != "ready\n":
+        proc.kill()
+        pytest.fail(f"the child never reached the blocking call: {line!r} {proc.communicate()}")
+    return proc
+
+
+@pytest.mark.parametrize("sig, code, error", [(signal.SIGINT, 130, "interrupted by the user"),
+                                              (signal.SIGTERM, 143, "terminated by SIGTERM")])
+def test_signal_during_a_run_marks_it_interrupted_and_keeps_the_store_consistent(tmp_path, sig, code, error):
+    proc = start_blocked_run(tmp_path)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)  # a safety net against a hang, not a wait for ordering
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and f"error: {error}" in err
     db = sqlite3.connect(tmp_path / ".slmswap" / "slmswap.db")
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    (status,) = db.execute("SELECT status FROM runs").fetchone()
-    assert status == "interrupted"
-    (n,) = db.execute("SELECT COUNT(*) FROM calls").fetchone()
-    assert n >= 2  # every call that returned before the interrupt is there
+    assert db.execute("SELECT status, error FROM runs").fetchall() == [("interrupted", error)]
+    agents = [a for (a,) in db.execute("SELECT agent FROM calls ORDER BY created_at")]
+    assert agents[0] == "orchestrator"  # the call that returned before the signal is there
+
+
+def test_run_whose_process_was_killed_shows_as_died(tmp_path, capsys):
+    proc = start_blocked_run(tmp_path)
+    proc.kill()  # SIGKILL: nothing in the child runs, the row stays "running"
+    proc.communicate(timeout=120)
+    code, out, _ = slmswap(capsys, "runs", "list", "--json")
+    assert code == 0 and [(r["status"], r["pid"]) for r in json.loads(out)] == [("died", proc.pid)]
+    db = sqlite3.connect(tmp_path / ".slmswap" / "slmswap.db")
+    assert db.execute("SELECT status FROM runs").fetchall() == [("running",)]  # history is not rewritten
+    code, out, _ = slmswap(capsys, "runs", "list")
+    assert code == 0 and "died" in out

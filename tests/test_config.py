@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import DEFAULT_BINDING, load_settings
+from app.config import DEFAULT_BINDING, load_settings, unknown_env_vars
 from app.errors import ConfigError
 
 
@@ -72,3 +72,48 @@ def test_example_config_parses_and_is_the_defaults(monkeypatch):
 
     s = load_settings(ROOT / "slmswap.example.toml")
     assert s.default_binding == DEFAULT_BINDING
+
+
+def test_bad_default_binding_names_file_and_line():
+    Path("slmswap.toml").write_text('# models\n\ndefault_binding = "gpt4"\n[store]\nurl = "sqlite:///x.db"\n')
+    with pytest.raises(ConfigError, match=r"(?s)slmswap.toml:3: default_binding: .*azure:<deployment>"):
+        load_settings()
+
+
+def test_bad_default_binding_from_the_environment_names_the_environment(monkeypatch):
+    Path("slmswap.toml").write_text('default_binding = "gguf:gemma3-270m"\n')  # fine, and overridden
+    monkeypatch.setenv("SLMSWAP_DEFAULT_BINDING", "gpt4")
+    with pytest.raises(ConfigError, match=r"^environment: default_binding: "):
+        load_settings()
+
+
+def test_config_that_is_not_utf8_names_file_and_line():
+    Path("slmswap.toml").write_bytes(b'[workflow]\nmax_retries = 2\n# caf\xe9\n')
+    with pytest.raises(ConfigError, match=r"slmswap.toml:3: byte 0xe9 at column 6 is not UTF-8"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name, closest", [
+    ("SLMSWAP_STORE_URL", "SLMSWAP_STORE__URL"),
+    ("SLMSWAP_DEFAULT_BINDINGS", "SLMSWAP_DEFAULT_BINDING"),
+    ("SLMSWAP_WORKFLOW__MAX_RETRY", "SLMSWAP_WORKFLOW__MAX_RETRIES"),
+    ("slmswap_config_file", "SLMSWAP_CONFIG"),
+])
+def test_unknown_environment_variable_is_named_with_the_closest_setting(name, closest):
+    assert unknown_env_vars({name: "x", "HOME": "/root"}) == [
+        f"{name} matches no setting and is ignored; did you mean {closest}?"]
+
+
+def test_every_real_setting_variable_is_known():
+    real = ["SLMSWAP_CONFIG", "SLMSWAP_DEFAULT_BINDING", "SLMSWAP_STORE__URL", "SLMSWAP_STORE",
+            "SLMSWAP_WORKFLOW__MAX_TOOL_TURNS", "SLMSWAP_LANGFUSE__SECRET_KEY", "SLMSWAP_ROUTES__RETRIEVAL__TEACHER",
+            "slmswap_store__url"]
+    assert unknown_env_vars(dict.fromkeys(real, "x")) == []
+    assert unknown_env_vars({"SLMSWAP_NOTHING_LIKE_IT_AT_ALL": "x"}) == [
+        "SLMSWAP_NOTHING_LIKE_IT_AT_ALL matches no setting and is ignored; see the environment variables in README.md"]
+
+
+def test_store_url_variable_really_is_read(monkeypatch):
+    # The name the warning suggests is the one pydantic-settings reads.
+    monkeypatch.setenv("SLMSWAP_STORE__URL", "sqlite:///elsewhere.db")
+    assert load_settings().store.url == "sqlite:///elsewhere.db"

@@ -72,7 +72,7 @@ def test_migrate_original_schema_keeps_rows(url, engine):
     with engine.begin() as conn:
         insert_original_rows(conn, created)
 
-    assert migrate(engine) == ["m002_calls_source", "m003_runs"]
+    assert migrate(engine) == ["m002_calls_source", "m003_runs", "m004_runs_pid_host"]
     assert shape(engine) == declared()
 
     with CaptureStore.open(url) as store:
@@ -84,6 +84,29 @@ def test_migrate_original_schema_keeps_rows(url, engine):
         assert store.active_template("retrieval").text == "You retrieve."
         run_id = store.start_run("new run")  # tables added by later steps work
         assert store.get_run(run_id).status == "running"
+
+
+def test_runs_from_before_m004_keep_their_status_and_new_ones_know_their_process(url, engine):
+    import os
+    import socket
+
+    migrate(engine, stop_before="m004_runs_pid_host")
+    started = datetime(2025, 1, 2, 3, 4, 5)
+    with engine.begin() as conn:
+        for run_id, status in (("old-running", "running"), ("old-ok", "ok")):
+            conn.execute(text("INSERT INTO runs (id, query, status, answer, error, started_at, finished_at)"
+                              " VALUES (:id, 'q', :status, NULL, NULL, :started, NULL)"),
+                         {"id": run_id, "status": status, "started": started.strftime("%Y-%m-%d %H:%M:%S.%f")})
+
+    assert migrate(engine) == ["m004_runs_pid_host"]
+    assert shape(engine) == declared()
+    with CaptureStore.open(url) as store:
+        # No pid was recorded, so whether that process lives is unknown: it is shown as stored, not as died.
+        old = store.get_run("old-running")
+        assert (old.status, old.pid, old.host) == ("running", None, None)
+        assert store.get_run("old-ok").status == "ok"
+        new = store.get_run(store.start_run("new run"))
+        assert (new.status, new.pid, new.host) == ("running", os.getpid(), socket.gethostname())
 
 
 def insert_original_rows(conn: Connection, created: datetime) -> None:

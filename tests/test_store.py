@@ -338,7 +338,7 @@ def test_open_unwritable_location_names_path_and_fix(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StoreError) as err:
         CaptureStore.open(f"sqlite:///{blocker / 'sub' / 'calls.db'}")
-    assert str(blocker) in str(err.value) and "SLMSWAP_STORE_URL" in str(err.value)
+    assert str(blocker) in str(err.value) and "SLMSWAP_STORE__URL" in str(err.value)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -363,7 +363,7 @@ def test_open_non_sqlite_file_leaves_it_untouched(tmp_path):
 def test_open_refuses_memory_and_bad_urls():
     with pytest.raises(StoreError, match="file"):
         CaptureStore.open("sqlite://")
-    with pytest.raises(StoreError, match="SLMSWAP_STORE_URL"):
+    with pytest.raises(UsageError, match="SLMSWAP_STORE__URL"):  # bad input: exit 2
         CaptureStore.open("not a url")
 
 

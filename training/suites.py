@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app.config import decode_utf8
 from app.errors import UsageError
 from app.validation import ParsedCall
 from app.wire import Message, Tool
@@ -209,7 +210,7 @@ class WorkflowLine(_Line):
 def _read_lines(path: Path, model: type[_Line]) -> list[tuple[int, Any]]:
     """(line number, parsed line) for each non-blank line; the first bad one raises with path:line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = decode_utf8(path, path.read_bytes(), UsageError)
     except OSError as exc:
         raise UsageError(f"cannot read suite file {path}: {exc.strerror}; give an existing JSONL file") from None
     parsed = []

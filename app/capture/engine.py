@@ -18,16 +18,16 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from app.errors import MissingDependency, StoreError
+from app.errors import ConfigError, MissingDependency, StoreError
 
 try:
     import orjson
 except ImportError:  # optional: the standard library's json is used instead
     orjson = None
 
-FIX = "set store.url in slmswap.toml or SLMSWAP_STORE_URL"
+FIX = "set store.url in slmswap.toml or SLMSWAP_STORE__URL"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
 _BEGIN_OPTION = "slmswap_begin"
@@ -50,10 +50,22 @@ def _sqlite_engine(url: URL) -> Engine:
 def _server_engine(url: URL) -> Engine:
     try:
         return create_engine(url, json_serializer=dumps, pool_pre_ping=True)
+    except NoSuchModuleError:
+        raise ConfigError(f"the store URL scheme {url.drivername!r} is no database SQLAlchemy knows; use "
+                          f"sqlite:///path/to/calls.db or postgresql+psycopg://user@host/db ({FIX})") from None
     except ImportError as exc:
         raise MissingDependency(f"the store URL {url.drivername}://... needs a driver that is not installed "
-                                f"({exc.name}); for PostgreSQL: pip install 'psycopg[binary]' and use "
-                                "postgresql+psycopg://") from None
+                                f"({exc.name}); {_DRIVER_HINTS.get(url.get_backend_name(), _OTHER_DRIVER)}, "
+                                f"or {FIX}") from None
+
+
+# Per database the store URL names, how to get its driver (a MySQL URL must not get the PostgreSQL hint).
+_DRIVER_HINTS = {
+    "postgresql": "pip install 'psycopg[binary]' and use postgresql+psycopg://",
+    "mysql": "pip install pymysql and use mysql+pymysql:// (slm-swap is tested on SQLite and PostgreSQL only)",
+    "mariadb": "pip install pymysql and use mariadb+pymysql:// (slm-swap is tested on SQLite and PostgreSQL only)",
+}
+_OTHER_DRIVER = "install that driver with pip, or use SQLite or PostgreSQL (the databases slm-swap is tested on)"
 
 
 @contextmanager
@@ -89,7 +101,7 @@ def _parse(url: str) -> URL:
     try:
         return make_url(url)
     except ArgumentError as exc:
-        raise StoreError(f"store URL {url!r} does not parse ({exc}); {FIX}") from None
+        raise ConfigError(f"store URL {url!r} does not parse ({exc}); {FIX}") from None
 
 
 def _ensure_writable_dir(directory: Path) -> None:

@@ -125,3 +125,10 @@ def m003_runs(conn: Connection) -> None:
         Column("started_at", DateTime(timezone=True), nullable=False),
         Column("finished_at", DateTime(timezone=True)),
     )
+
+
+@migration
+def m004_runs_pid_host(conn: Connection) -> None:
+    # Runs recorded before this step have no pid: the store cannot tell whether they died, so they read as stored.
+    _add_column(conn, "runs", Column("pid", Integer))
+    _add_column(conn, "runs", Column("host", String))

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from app.wire import ChatRequest, ChatResponse
 
 Source = Literal["graph", "proxy", "eval"]
-RunStatus = Literal["running", "ok", "failed", "interrupted"]
+# "died" is never stored: the store reports a "running" run as died when its process on this host is gone.
+RunStatus = Literal["running", "ok", "failed", "interrupted", "died"]
 Origin = Literal["base", "evolved", "manual"]
 
 # Request fields stored as themselves; everything else OpenAI accepts goes under "params".
@@ -61,6 +62,8 @@ class RunRecord:
     answer: str | None = None
     error: str | None = None
     finished_at: datetime | None = None
+    pid: int | None = None  # of the process running it, on `host` (None for runs recorded before m004)
+    host: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

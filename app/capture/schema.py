@@ -45,6 +45,8 @@ runs = Table(
     Column("error", String),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    Column("pid", Integer),  # the process running it and its host, to tell a live run from a killed one; m004
+    Column("host", String),
 )
 
 templates = Table(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import statistics
 from collections.abc import Iterable
 from dataclasses import fields
@@ -35,7 +36,7 @@ _CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
 _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _TEMPLATE_FIELDS = tuple(f.name for f in fields(TemplateRecord))
 _SOURCES = frozenset(get_args(Source))
-_FINAL_STATUSES = frozenset(get_args(RunStatus)) - {"running"}
+_FINAL_STATUSES = frozenset(get_args(RunStatus)) - {"running", "died"}
 
 
 class CaptureStore:
@@ -118,12 +119,15 @@ class CaptureStore:
     # ---- runs --------------------------------------------------------------------------------------------
 
     def start_run(self, query: str) -> str:
-        """Record that a run of the workflow started; returns its id (pass it as the calls' run_id)."""
+        """Record that a run of the workflow started; returns its id (pass it as the calls' run_id).
+
+        The run keeps this process's pid and host, so that readers can tell a killed run from a live one.
+        """
         self._check_open()
         run_id = new_id()
         with self._engine.begin() as conn:
             conn.execute(runs.insert().values(id=run_id, query=redact_text(query), status="running",
-                                              started_at=utcnow()))
+                                              started_at=utcnow(), pid=os.getpid(), host=socket.gethostname()))
         return run_id
 
     def finish_run(self, run_id: str, status: RunStatus, answer: str | None = None,
@@ -139,11 +143,12 @@ class CaptureStore:
             raise UsageError(f"no run has id {run_id!r}; start one with start_run(query)")
 
     def get_run(self, run_id: str) -> RunRecord | None:
+        """The run, or None. A run stored as "running" whose process on this host is gone reads as "died"."""
         rows = self._fetch(select(runs).where(runs.c.id == run_id))
         return _run(rows[0]) if rows else None
 
     def list_runs(self, limit: int = 20) -> list[RunRecord]:
-        """The newest runs first."""
+        """The newest runs first (with "died" as in `get_run`)."""
         return [_run(row) for row in self._fetch(select(runs).order_by(runs.c.started_at.desc()).limit(limit))]
 
     # ---- templates ---------------------------------------------------------------------------------------
@@ -234,7 +239,23 @@ def _call(row) -> CallRecord:
 
 def _run(row) -> RunRecord:
     values = {k: row[k] for k in _RUN_FIELDS}
+    if values["status"] == "running" and _died(values["pid"], values["host"]):
+        # Reported, not written: the row keeps what its process last said, and nothing races a live writer.
+        values["status"] = "died"
     return RunRecord(**values | {"started_at": _utc(row["started_at"]), "finished_at": _utc(row["finished_at"])})
+
+
+def _died(pid: int | None, host: str | None) -> bool:
+    """True when the process `pid` on this host no longer exists; unknown (another host, no pid) is False."""
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def _template(row) -> TemplateRecord:
