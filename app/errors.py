@@ -14,13 +14,19 @@
 
 from __future__ import annotations
 
+from app.secrets import redact_text
+
 
 class SlmSwapError(Exception):
-    """Base of every error slm-swap raises on purpose."""
+    """Base of every error slm-swap raises on purpose. Its message is redacted (app/secrets.py): an upstream that
+    echoes a key, or a binding with a password in its base_url, never puts the secret into an error."""
 
     exit_code = 1
     http_status = 500
     error_type = "server_error"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class UsageError(SlmSwapError):

@@ -31,6 +31,7 @@ from app.config import Settings, load_settings
 from app.errors import BackendError, SlmSwapError, UsageError
 from app.routing.context import CallContext
 from app.routing.router import Router
+from app.secrets import redact_text, register_settings
 from app.validation import ParsedCall, parse_calls
 from app.wire import AssistantMessage, ChatRequest, ChatResponse
 from training import metrics
@@ -80,7 +81,7 @@ def run_eval(options: EvalOptions, console: Any = None, progress: Any = None) ->
     check_options(options)
     settings = load_settings(options.config)
     for binding in options.models:
-        settings.bound_to(binding)  # a malformed or unknown binding fails here, before any call
+        register_settings(settings.bound_to(binding))  # a malformed or unknown binding fails here, before any call
     suite, template = _prepare(options, settings)
     out = output_dir(options)
     runs = asyncio.run(_run_models(options, settings, suite, template, out / "items.jsonl", progress))
@@ -281,7 +282,7 @@ async def _run_models(options: EvalOptions, settings: Settings, suite: Suite, te
         for binding in options.models:
             router = EvalRouter(eval_settings(settings, binding), options.decoding)
             ask = _workflow_asker(router) if suite.kind == "workflow" else item_asker(router, options, template)
-            run = ModelRun(binding)
+            run = ModelRun(redact_text(binding))  # what the files and the console show: no base_url password
             try:
                 await run_items(run, suite.items, ask, concurrency_for(binding, settings, options.concurrency),
                                 lambda: advance(binding))
@@ -323,7 +324,7 @@ def _describe(exc: BaseException, item: EvalItem) -> str:
     if isinstance(exc, SlmSwapError):  # our messages already say what failed where
         return f"on item {item.id}: {exc}"[:1000]
     text = str(exc) if str(exc) else type(exc).__name__
-    return f"on item {item.id}: {type(exc).__name__}: {text}"[:1000]
+    return redact_text(f"on item {item.id}: {type(exc).__name__}: {text}")[:1000]
 
 
 def item_asker(router: Router, options: EvalOptions, template: dict | None) -> Asker:
@@ -381,4 +382,4 @@ def workflow_row(item: EvalItem, binding: str, state: dict[str, Any], responses:
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+        f.writelines(redact_text(json.dumps(row, ensure_ascii=False, default=str)) + "\n" for row in rows)

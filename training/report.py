@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from app.secrets import redact_text
 from training.metrics import wilson
 
 RATES = (("valid_rate", "valid"), ("exact_rate", "exact"), ("arg_f1", "arg F1"))
@@ -72,8 +73,9 @@ def summarize(suite: Any, runs: list[Any], options: Any) -> dict[str, Any]:
 def write_report(out: Path, suite: Any, runs: list[Any], options: Any) -> dict[str, Any]:
     """Write summary.json, report.md and report.png into `out`; returns the summary."""
     summary = summarize(suite, runs, options)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(format_markdown(summary), encoding="utf-8")
+    # Bindings and failures are redacted where they are made; this is the last look before the files.
+    (out / "summary.json").write_text(redact_text(json.dumps(summary, indent=2)) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(redact_text(format_markdown(summary)), encoding="utf-8")
     plot(summary, out / "report.png")
     return summary
 
@@ -219,15 +221,18 @@ def model_progress(console: Any, models: tuple[str, ...], total: int) -> Iterato
     if console is None:
         yield lambda binding: None
         return
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
-        tasks = {m: progress.add_task(m, total=total) for m in models}
+        # escape: rich would read "[redacted]" as a markup tag and drop it
+        tasks = {m: progress.add_task(escape(redact_text(m)), total=total) for m in models}
         yield lambda binding: progress.advance(tasks[binding])
 
 
 def print_summary(summary: dict[str, Any], out: Path, console: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{summary['suite']} ({summary['items']} items, {summary['decoding']})")
@@ -235,7 +240,7 @@ def print_summary(summary: dict[str, Any], out: Path, console: Any) -> None:
         table.add_column(column, justify="left" if column in ("model", "errors") else "right")
     for binding, m in summary["models"].items():
         errors = ", ".join(f"{t} {c}" for t, c in m["error_types"].items()) or "-"
-        table.add_row(binding + (" [red](failed)[/red]" if m["failed"] else ""), str(m["n"]),
+        table.add_row(escape(binding) + (" [red](failed)[/red]" if m["failed"] else ""), str(m["n"]),
                       _pct(m["valid_rate"]), _pct(m["exact_rate"]), f"{m['arg_f1']:.3f}",
                       f"{m['p50_latency_ms']:.0f}", str(m["tokens"]), f"{m['cost_usd']:.4f}", errors)
     console.print(table)

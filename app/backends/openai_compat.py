@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from app.backends.retry import with_retries
 from app.bindings import Binding
 from app.errors import BackendError, BadReply, MissingDependency, SlmSwapError, UpstreamTimeout
+from app.secrets import register_secret
 from app.wire import ChatChunk, ChatRequest, ChatResponse, Usage
 
 # Our extensions and routing fields never go to the upstream server; stream settings are ours to set.
@@ -226,6 +227,7 @@ def _azure_client(binding: Binding) -> Any:
 
     opts = binding.options
     version = opts.api_version or os.environ.get("OPENAI_API_VERSION") or "2024-10-21"
+    register_secret(os.environ.get(opts.api_key_env))  # before any call: an upstream may echo the key back
     return AsyncAzureOpenAI(
         azure_endpoint=_env(opts.endpoint_env, binding, "your resource's https://<name>.openai.azure.com"),
         api_key=_env(opts.api_key_env, binding, "the resource's key"),
@@ -238,6 +240,7 @@ def _openai_client(binding: Binding) -> Any:
 
     opts = binding.options
     key = os.environ.get(opts.api_key_env)
+    register_secret(key)  # before any call: an upstream may echo the key back
     if not key and not opts.base_url:
         _env(opts.api_key_env, binding, "your API key, or set base_url for a local server")
     # Local OpenAI-compatible servers often need no key; the SDK insists on a non-empty string.

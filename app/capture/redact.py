@@ -1,32 +1,30 @@
 """Strip credentials from data before the capture store writes it.
 
 A value under a key named like a credential (api_key, Authorization, x-api-key, client_secret, password, ...)
-becomes "[redacted]", and bearer tokens and `sk-...` keys inside any string are replaced in place. Keys
-directly inside a JSON-schema "properties" mapping are parameter names, not credentials, so a tool with a
-`password` parameter keeps its schema.
+becomes "[redacted]", and inside any string the secrets app/secrets.py knows (registered key values, bearer tokens,
+`sk-...` keys, URL credentials) are replaced in place. Keys directly inside a JSON-schema "properties" mapping are
+parameter names, not credentials, so a tool with a `password` parameter keeps its schema.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from typing import Any
+
+from app.secrets import REDACTED, might_hold_secret, redact_text, register_secret  # noqa: F401 (re-exported)
 
 try:
     import orjson
 except ImportError:  # optional: only makes the quick check below quicker
     orjson = None
 
-REDACTED = "[redacted]"
-
 _SECRET_WORDS = ("api_key", "apikey", "authorization", "secret", "password", "passwd", "access_token",
                  "refresh_token", "auth_token")
-# A bearer token has at least 16 token characters and a digit, so prose like "the bearer of bad news" stays.
-_SECRET_TEXT = re.compile(r"\bbearer\s+(?=[\w.~+/-]*\d)[\w.~+/-]{16,}=*|\bsk-[A-Za-z0-9_-]{16,}", re.IGNORECASE)
 # Short pieces, one of which the lowered JSON text of anything redactable must contain: each secret word holds
 # one of the last six (tests check it) and each token pattern starts with one of the first two. Few and short,
-# because each is one scan of the text; a false alarm only costs the slower walk.
+# because each is one scan of the text; a false alarm only costs the slower walk. Registered values and URL
+# credentials are checked by app.secrets.might_hold_secret.
 _NEEDLES = ("sk-", "bearer", "auth", "secret", "passw", "key", "access", "refresh")
 _PLAIN = {bool, int, float}
 
@@ -46,13 +44,9 @@ def redact(value: Any) -> Any:
     return value
 
 
-def redact_text(text: str) -> str:
-    """`text` with bearer tokens and sk- keys replaced."""
-    # The regex tries every position of a long prompt; two substring checks rule most text out far sooner.
-    lowered = text.lower()
-    if "sk-" not in lowered and "bearer" not in lowered:
-        return text
-    return _SECRET_TEXT.sub(REDACTED, text)
+def langfuse_mask(*, data: Any, **kwargs: Any) -> Any:
+    """`Langfuse(mask=langfuse_mask)`: every span's input, output and metadata redacted before export."""
+    return redact(data)
 
 
 @lru_cache(maxsize=4096)
@@ -73,7 +67,7 @@ def _might_hold_secret(value: dict | list | tuple) -> bool:
     if text is None:
         text = json.dumps(value, ensure_ascii=False, default=repr)
     lowered = text.lower()
-    return any(needle in lowered for needle in _NEEDLES)
+    return any(needle in lowered for needle in _NEEDLES) or might_hold_secret(text, lowered)
 
 
 def _walk(value: Any, schema_properties: bool) -> Any:
