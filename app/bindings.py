@@ -68,7 +68,7 @@ OPTIONS_BY_KIND: dict[str, type[BindingOptions]] = {
 FORMS = (
     "azure:<deployment>",
     "openai:<model>[?base_url=URL&api_key_env=VAR]",
-    "gguf:<alias|path>[?lora=PATH&n_ctx=N&n_threads=N]  (aliases: smollm2-135m, gemma3-270m)",
+    "gguf:<alias|path>[?lora=PATH&n_ctx=N&n_threads=N]  (aliases: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)",
     "hf:<path>",
 )
 

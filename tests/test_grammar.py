@@ -1,5 +1,6 @@
 """Grammars for constrained decoding: tool plans and schemas as plain data, then the compiled grammar driven by
-SmolLM2's real tokenizer (its vocabulary only; no model weights are evaluated)."""
+SmolLM2's real tokenizer, and by Qwen2.5-Coder's, whose call tags are special tokens (vocabularies only; no model
+weights are evaluated)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from app.backends import grammar
-from app.backends.grammar import (STRING_LIMIT, TokenMask, ToolPlan, answer_schema, call_schema, compiled_matcher, plan_tools,
-                                  request_lark, tame, tool_calls_lark)
+from app.backends.grammar import (STRING_LIMIT, TEXT_TAGS, TokenMask, ToolPlan, ToolTags, answer_schema, call_schema,
+                                  compiled_matcher, plan_tools, request_lark, tame, tool_calls_lark)
 from app.errors import UsageError
 from app.wire import ChatRequest
 
@@ -112,8 +113,19 @@ def test_request_lark_only_when_something_constrains_the_output():
     required = request_lark(request(tools=TOOLS, tool_choice="required"))
     assert required.startswith("start: calls") and "get_time" in required and "TEXT" not in required
     named = request_lark(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}))
-    assert "get_weather" not in named and 'calls: tool_call\n' in named
+    assert "get_weather" not in named and 'calls: tool_call "\\n"?\n' in named
     assert "start: answer | calls" in request_lark(request(tools=TOOLS))
+
+
+def test_tags_are_literals_or_special_token_references():
+    plan = ToolPlan("required", [TIME])
+    assert 'tool_call: "<tool_call>\\n" fn "\\n</tool_call>"' in tool_calls_lark(plan)  # what SmolLM2 was measured on
+    assert tool_calls_lark(plan, tags=TEXT_TAGS) == tool_calls_lark(plan)
+    special = tool_calls_lark(plan, tags=ToolTags(open=151657, close=151658))
+    assert 'tool_call: <[151657]> "\\n" fn "\\n" <[151658]>' in special and '"<tool_call>' not in special
+    half = tool_calls_lark(plan, tags=ToolTags(open=7))
+    assert 'tool_call: <[7]> "\\n" fn "\\n</tool_call>"' in half
+    assert "<[5]>" in request_lark(request(tools=TOOLS, tool_choice="required"), ToolTags(5, 6))
 
 
 # ---- compiled against SmolLM2's tokenizer --------------------------------------------------------------
@@ -158,6 +170,14 @@ def test_parallel_calls_only_when_allowed(tokenizer):
     two = call("get_weather", {"city": "Paris"}) + "\n" + call("get_time", {"tz": "UTC"})
     assert accepts(tokenizer, tool_calls_lark(ToolPlan("required", [WEATHER, TIME], parallel=True)), two)
     assert not accepts(tokenizer, tool_calls_lark(ToolPlan("required", [WEATHER, TIME], parallel=False)), two)
+
+
+def test_one_newline_may_end_the_calls(tokenizer):
+    for plan in (ToolPlan("required", [TIME]), ToolPlan("named", [TIME], parallel=False)):
+        lark = tool_calls_lark(plan)
+        assert accepts(tokenizer, lark, call("get_time", {"tz": "UTC"}) + "\n")
+        assert not accepts(tokenizer, lark, call("get_time", {"tz": "UTC"}) + "\n\n")
+        assert not accepts(tokenizer, lark, call("get_time", {"tz": "UTC"}) + "\nDone.")
 
 
 def test_auto_grammar_takes_text_or_calls_never_a_broken_call(tokenizer):
@@ -212,3 +232,66 @@ def test_token_mask_allows_exactly_the_grammar_continuations(tokenizer):
     assert all("yes".startswith(s) or "no".startswith(s) for s in map(tokenizer.decode_str, [[t] for t in allowed]))
     mask.consume(tokenizer.tokenize_str("yes")[0])
     assert mask.forced() == [] or tokenizer.decode_str(mask.forced()) in ("es", "s")
+
+
+# ---- compiled against Qwen2.5-Coder's tokenizer: <tool_call> is one special token --------------------------
+
+@pytest.fixture(scope="module")
+def qwen():
+    """(llama.cpp vocab-only model, llguidance tokenizer, its tags) for Qwen2.5-Coder-0.5B."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    from app.backends import llamacpp
+    from app.local_models import resolve_model
+
+    llm = llama_cpp.Llama(str(resolve_model("qwen2.5-coder-0.5b")), vocab_only=True, verbose=False)
+    tok = lltokenizer_from_vocab(llama_cpp.llama_model_get_vocab(llm.model), eos_token=[151645])
+    yield llm, tok, llamacpp.tool_tags(llm)
+    del tok, llm
+
+
+def model_tokens(llm, text: str) -> list[int]:
+    """The tokens the model itself writes for `text` (tags as their special tokens)."""
+    return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def test_qwen_tags_are_its_special_tokens(qwen):
+    llm, _, tags = qwen
+    assert tags == ToolTags(open=151657, close=151658)
+    assert model_tokens(llm, call("get_time", {"tz": "UTC"}))[0] == 151657
+
+
+def test_special_tag_grammar_takes_the_models_own_call_tokens(qwen):
+    llm, tok, tags = qwen
+    lark = tool_calls_lark(ToolPlan("required", [WEATHER, TIME]), tags=tags)
+    two = call("get_weather", {"city": "Paris"}) + "\n" + call("get_time", {"tz": "UTC"})
+    for text in (call("get_time", {"tz": "UTC"}), two):
+        matcher = compiled_matcher(tok, lark)
+        assert matcher.consume_tokens(model_tokens(llm, text)) and matcher.is_accepting(), matcher.get_error()
+    broken = compiled_matcher(tok, lark)
+    assert not broken.consume_tokens(model_tokens(llm, call("get_time", {"zone": "UTC"})))
+    # the bug this fixes: the literal grammar rejects the one token Qwen writes for "<tool_call>"
+    assert not compiled_matcher(tok, tool_calls_lark(ToolPlan("required", [TIME]))).consume_token(151657)
+
+
+def test_special_tag_grammar_forced_path_stays_on_the_grammar(qwen):
+    # With a named tool the whole call prefix is forced; the forced tokens must be ones the grammar accepts
+    # (with the tags as text they were 151657..., which the grammar then rejected: the reported failure).
+    _, tok, tags = qwen
+    mask = TokenMask(compiled_matcher(tok, tool_calls_lark(ToolPlan("named", [TIME], parallel=False), tags=tags)),
+                     tok.vocab_size)
+    forced = mask.forced()
+    assert forced[:2] == [151657, 198]
+    for t in forced:
+        mask.consume(t)
+    assert tok.decode_str(forced).startswith('<tool_call>\n{"name": "get_time", "arguments": {"tz"')
+
+
+def test_special_tag_auto_grammar_takes_text_or_calls(qwen):
+    llm, tok, tags = qwen
+    lark = tool_calls_lark(ToolPlan("auto", [WEATHER]), tags=tags)
+    for text in ("The weather is fine, no need to check.", call("get_weather", {"city": "Oslo"})):
+        matcher = compiled_matcher(tok, lark)
+        assert matcher.consume_tokens(model_tokens(llm, text)) and matcher.is_accepting(), text
+    assert not compiled_matcher(tok, lark).consume_tokens(model_tokens(llm, 'Look: <tool_call>\n{"name": "oops"}'))

@@ -1,5 +1,6 @@
 """The gguf backend: prompt rendering as plain data, then the real SmolLM2 GGUF answering under grammars
-(these tests also prove the GGML_NATIVE=OFF wheel decodes on this CPU), and one short Gemma-3-270M run."""
+(these tests also prove the GGML_NATIVE=OFF wheel decodes on this CPU), engine failures mapped into our errors,
+a few real Qwen2.5-Coder-0.5B calls (its tool tags are special tokens), and one short Gemma-3-270M run."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 import pytest
 from jsonschema import Draft202012Validator
 
-from app.backends import chat_format, llamacpp
+from app.backends import chat_format, grammar, llamacpp
 from app.backends.chat_format import parse_tool_calls, render_prompt
+from app.backends.grammar import TEXT_TAGS, ToolTags
 from app.bindings import parse_binding
-from app.errors import MissingDependency, UsageError
+from app.errors import BackendError, MissingDependency, UsageError
 from app.local_models import resolve_model
 from app.wire import ChatRequest, Message, ToolCall, FunctionCall
 
@@ -329,6 +331,130 @@ def test_prompt_longer_than_context_is_a_usage_error():
     essay = "Write a very long essay about the history of Rome. " * 9
     near = complete(backend, ask(essay, max_tokens=500))  # the reply is cut where the context ends
     assert near.usage.total_tokens == 256 and near.choices[0].finish_reason == "length"
+
+
+def test_smollm2_spells_the_tool_tags_as_text(smol):
+    assert smol.model().tags == TEXT_TAGS
+
+
+def test_tag_tokens_render_as_text_even_as_control_tokens(smol):
+    # Hermes-3 makes <tool_call> a control token, which llama.cpp renders as nothing; SmolLM2's control token
+    # <|im_start|> stands in for it here.
+    model = smol.model()
+    [start] = model.llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    assert model.piece(start) == b""
+    tagged = llamacpp.LocalModel(llm=model.llm, family=model.family, eog=model.eog, tags=ToolTags(open=start))
+    assert tagged.piece(start) == b"<|im_start|>"
+
+
+# ---- engine failures become our errors -----------------------------------------------------------------
+
+def fail_on_eval(monkeypatch, llm, error: Exception, at: int) -> None:
+    """Make the `at`-th call of `llm.eval` (1: the prompt, 2: the first generated token) raise `error`."""
+    real, calls = llm.eval, []
+
+    def eval_(tokens):
+        calls.append(tokens)
+        if len(calls) == at:
+            raise error
+        return real(tokens)
+
+    monkeypatch.setattr(llm, "eval", eval_)
+
+
+@pytest.mark.parametrize("error, at, expected", [
+    (RuntimeError("llama_decode returned -3"), 2, r"failed while answering \(RuntimeError: llama_decode returned -3\)"),
+    (RuntimeError("llama_decode returned 1"), 2, r"ran out of context \(n_ctx=4096\).*raise n_ctx"),
+    (RuntimeError("llama_decode returned -1"), 1, r"gguf:smollm2-135m: the local model failed"),
+])
+def test_decode_failures_are_backend_errors_and_the_next_call_starts_clean(smol, monkeypatch, error, at, expected):
+    req = ask("Name three colors.", max_tokens=8)
+    llm = smol.model().llm
+    llm.n_tokens = 0  # compare answers from the same (empty) cache
+    before = complete(smol, req).message.content
+    with monkeypatch.context() as patch:
+        fail_on_eval(patch, llm, error, at)
+        with pytest.raises(BackendError, match=expected):
+            complete(smol, req)
+    assert llm.n_tokens == 0  # a half-written KV cache is not reused
+    assert complete(smol, req).message.content == before
+
+
+def test_llguidance_failures_are_backend_errors(smol, monkeypatch):
+    def broken(self):
+        raise ValueError("llguidance: matcher in a bad state")
+
+    monkeypatch.setattr(grammar.TokenMask, "forced", broken)
+    with pytest.raises(BackendError, match=r"ValueError: llguidance: matcher in a bad state"):
+        complete(smol, ask(BOTH, tools=TOOLS, tool_choice="required", max_tokens=20))
+
+
+def test_engine_errors_never_quote_the_prompt(smol, monkeypatch):
+    secret = "sk-live-0123456789abcdefghij"
+
+    def tokenize(text, add_bos=True, special=False):  # what llama-cpp-python raises, prompt included
+        raise RuntimeError(f'Failed to tokenize: text="{text!r}" n_tokens=-9')
+
+    monkeypatch.setattr(smol.model().llm, "tokenize", tokenize)
+    with pytest.raises(BackendError) as err:
+        complete(smol, ask(f"my key is {secret}", max_tokens=8))
+    assert "Failed to tokenize" in str(err.value) and secret not in str(err.value)
+
+
+# ---- the real Qwen2.5-Coder-0.5B: <tool_call> is one special token ---------------------------------------
+
+TRIANGLE = {"name": "calculate_triangle_area", "description": "Calculate the area of a triangle given its base and height.",
+            "parameters": {"type": "object", "properties": {
+                "base": {"type": "integer", "description": "The base of the triangle."},
+                "height": {"type": "integer", "description": "The height of the triangle."},
+                "unit": {"type": "string", "description": "The unit of measure (defaults to 'units' if not specified)"}},
+                "required": ["base", "height"]}}
+TRIANGLE_ASK = "Find the area of a triangle with a base of 10 units and height of 5 units."  # BFCL simple_python 0
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    pytest.importorskip("llama_cpp")
+    return llamacpp.LlamaCppBackend(parse_binding("gguf:qwen2.5-coder-0.5b?n_ctx=1024"))
+
+
+def fresh(backend, req: ChatRequest):
+    """Greedy answer from an empty KV cache, so repeated calls are compared bit for bit."""
+    backend.model().llm.n_tokens = 0
+    return complete(backend, req)
+
+
+def test_qwen_bfcl_call_under_the_grammar_is_valid_and_reproducible(qwen):
+    # Before the tags came from the vocabulary, this failed at once inside llguidance ("token [151657] doesn't
+    # satisfy the grammar"); before a newline could end the calls, Qwen repeated its call until max_tokens.
+    req = ask(TRIANGLE_ASK, tools=[{"type": "function", "function": TRIANGLE}], tool_choice="required", max_tokens=80)
+    gen, _ = qwen.run(req)
+    assert gen.text.startswith("<tool_call>\n{")  # the special token renders as the text the parser reads
+    resp = fresh(qwen, req)
+    assert resp.choices[0].finish_reason == "tool_calls" and resp.message.content is None
+    [call] = resp.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    Draft202012Validator(TRIANGLE["parameters"]).validate(arguments)
+    assert (call.function.name, arguments["base"], arguments["height"]) == ("calculate_triangle_area", 10, 5)
+    again = fresh(qwen, req)
+    assert [(c.function.name, c.function.arguments) for c in again.message.tool_calls] == [
+        (call.function.name, call.function.arguments)]
+
+
+def test_qwen_named_and_auto_tool_choice(qwen):
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    named = fresh(qwen, ask(BOTH, tools=TOOLS, tool_choice=choice, max_tokens=60))
+    assert [c.function.name for c in named.message.tool_calls] == ["get_time"]
+    check_calls(named.message.tool_calls)
+    chat = fresh(qwen, ask("Hello! How are you?", tools=TOOLS, max_tokens=30))
+    assert chat.message.content and chat.message.tool_calls is None and "<tool_call>" not in chat.message.content
+
+
+def test_qwen_json_schema_output_validates(qwen):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    resp = fresh(qwen, ask(PROMPTS[3], response_format=fmt, max_tokens=100))
+    assert resp.choices[0].finish_reason == "stop", resp.message.content
+    Draft202012Validator(PERSON).validate(json.loads(resp.message.content))
 
 
 # ---- Gemma-3-270M (base model, no chat template in the file) -------------------------------------------

@@ -2,6 +2,8 @@
 
 Tool calls use the Hermes format that `chat_format` prompts for: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n
 </tool_call>`, one block per call, with each call's JSON a `name` const plus that function's parameters schema.
+The tags are written the way the model's vocabulary spells them (`ToolTags`): text for SmolLM2, one special token
+each for Qwen2.5 and Hermes-3, whose tokenizers turn `<tool_call>` into a single token.
 Building the text is pure; compiling it into an `llguidance.LLMatcher` happens once per grammar and tokenizer
 (`compiled_matcher`), since agents send the same tools on every call. Applying the matcher's token mask to
 logits lives in `TokenMask`.
@@ -91,35 +93,62 @@ def json_rule(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({"x-guidance": JSON_STYLE, **schema})
 
 
-def tool_calls_lark(plan: ToolPlan, answer: dict[str, Any] | None = None) -> str:
+@dataclass(frozen=True)
+class ToolTags:
+    """How one model's vocabulary spells the call tags: the token id of `<tool_call>` / `</tool_call>` where it is
+    a single special token, None where the tag is plain text.
+
+    The grammar must match: llguidance treats a special token as a unit apart from text, so a grammar that spells
+    `"<tool_call>"` as text rejects the very token the model (and the tokenizer, on the forced path) produces.
+    """
+
+    open: int | None = None
+    close: int | None = None
+
+    def lark(self) -> tuple[str, str]:
+        """Lark for `<tool_call>` + newline and newline + `</tool_call>`: a token reference (`<[151657]>`) where
+        the tag is a special token, else one string literal (the grammar SmolLM2's figures were measured with)."""
+        opening = f'<[{self.open}]> "\\n"' if self.open is not None else json.dumps(TOOL_OPEN + "\n")
+        closing = f'"\\n" <[{self.close}]>' if self.close is not None else json.dumps("\n" + TOOL_CLOSE)
+        return opening, closing
+
+
+TEXT_TAGS = ToolTags()  # the tags spelled as text, as SmolLM2 and Gemma 3 tokenize them
+
+
+def tool_calls_lark(plan: ToolPlan, answer: dict[str, Any] | None = None, tags: ToolTags = TEXT_TAGS) -> str:
     """Lark for a tool plan; in `auto` the alternative to calls is `answer` JSON or text without any call."""
     schemas = [call_schema(f) for f in plan.functions]
     fn = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    calls = 'tool_call ("\\n" tool_call)*' if plan.parallel else "tool_call"
+    # A newline may end the calls: Qwen2.5-Coder writes "\n" after every </tool_call> and only then its
+    # end-of-turn; without it, the one way on is another call, and it repeats calls until max_tokens.
+    calls = 'tool_call ("\\n" tool_call)* "\\n"?' if plan.parallel else 'tool_call "\\n"?'
+    open_tag, close_tag = tags.lark()
     lines = [
         f"calls: {calls}",
-        f'tool_call: "{TOOL_OPEN}\\n" fn "\\n{TOOL_CLOSE}"',
+        f"tool_call: {open_tag} fn {close_tag}",
         f"fn: {json_rule(fn)}",
     ]
     if plan.mode != "auto":
         return "\n".join(["start: calls", *lines])
     text = f"answer: {json_rule(answer)}" if answer else "answer: TEXT"
-    # TEXT never contains a call marker, so a text answer can never hide a malformed call.
+    # TEXT never contains a call marker, so a text answer can never hide a malformed call (a special-token tag
+    # cannot appear inside a terminal at all; its spelling as text is excluded here too, since the parser reads it).
     no_call = f"TEXT: /(?s:.+)/ & ~/(?s:.*){TOOL_OPEN}(?s:.*)/"
     return "\n".join(["start: answer | calls", *lines, text, no_call])
 
 
-def request_lark(req: ChatRequest) -> str | None:
+def request_lark(req: ChatRequest, tags: ToolTags = TEXT_TAGS) -> str | None:
     """The Lark grammar a request is decoded under, or None when its output is free text.
 
-    `decoding="free"` turns constraints off (to measure a model's raw behaviour).
+    `decoding="free"` turns constraints off (to measure a model's raw behaviour); `tags` are the model's.
     """
     if req.decoding == "free":
         return None
     plan = plan_tools(req)
     answer = answer_schema(req.response_format)
     if plan.mode != "none":
-        return tool_calls_lark(plan, answer)
+        return tool_calls_lark(plan, answer, tags)
     if answer is not None:
         return f"start: {json_rule(answer)}"
     return None

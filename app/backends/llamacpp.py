@@ -6,16 +6,18 @@ different event loops). Generation is our own token loop over `Llama.eval` and a
 than `create_completion`: it lets the grammar's token mask be written straight into llama.cpp's logits buffer,
 lets tokens the grammar forces (JSON keys, closing tags) be evaluated in one batch without sampling, and reuses
 the KV cache for the prompt prefix the previous call shared (the system prompt and tools, on every agent call).
+Whatever llama.cpp or llguidance raise while answering is mapped into `app.errors` in `_engine_errors`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import codecs
+import contextlib
 import ctypes
+import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from app.backends import chat_format
-from app.backends.chat_format import Family, TOOL_OPEN
-from app.backends.grammar import TokenMask, ToolPlan, compiled_matcher, plan_tools, request_lark
+from app.backends.chat_format import Family, TOOL_CLOSE, TOOL_OPEN
+from app.backends.grammar import TEXT_TAGS, TokenMask, ToolPlan, ToolTags, compiled_matcher, plan_tools, request_lark
 from app.bindings import Binding, GGUFOptions
-from app.errors import BackendError, MissingDependency, UsageError
+from app.errors import BackendError, MissingDependency, SlmSwapError, UsageError
 from app.local_models import resolve_model
 from app.wire import (AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, DeltaMessage,
                       Usage)
@@ -64,6 +66,7 @@ class LocalModel:
     llm: Any
     family: Family
     eog: frozenset[int]  # end-of-generation tokens (<|im_end|>, <end_of_turn>, <eos>, ...)
+    tags: ToolTags = TEXT_TAGS  # how this vocabulary spells <tool_call> and </tool_call>
     lock: threading.Lock = field(default_factory=threading.Lock)
     _pieces: dict[int, bytes] = field(default_factory=dict)
     _tokenizer: Any = None
@@ -73,16 +76,18 @@ class LocalModel:
         return import_llama_cpp().llama_model_get_vocab(self.llm.model)
 
     def piece(self, token: int) -> bytes:
-        """The bytes a token adds to the text (control tokens add none)."""
+        """The bytes a token adds to the text (control tokens add none, except the tool-call tags: the output
+        parser must see `<tool_call>` whether the model spells it as text or as one special token)."""
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._pieces[token] = self._to_piece(token, 64)
+            special = token in (self.tags.open, self.tags.close)
+            piece = self._pieces[token] = self._to_piece(token, 64, special)
         return piece
 
-    def _to_piece(self, token: int, size: int) -> bytes:
+    def _to_piece(self, token: int, size: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(size)
-        n = import_llama_cpp().llama_token_to_piece(self.vocab, token, buf, size, 0, False)
-        return self._to_piece(token, -n) if n < 0 else buf.raw[:n]  # n < 0: the size it needs
+        n = import_llama_cpp().llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+        return self._to_piece(token, -n, special) if n < 0 else buf.raw[:n]  # n < 0: the size it needs
 
     def tokenizer(self) -> Any:
         """The llguidance tokenizer for this vocabulary, built on first constrained call (~0.2 s for SmolLM2)."""
@@ -127,13 +132,28 @@ def _load(path: Path, options: GGUFOptions) -> LocalModel:
         raise BackendError(
             f"llama.cpp could not load {path}: {exc}; is it a GGUF file (and the LoRA one made for it)?"
         ) from None
-    return LocalModel(llm=llm, family=chat_format.family_of(llm.metadata), eog=_eog_tokens(llm))
+    return LocalModel(llm=llm, family=chat_format.family_of(llm.metadata), eog=_eog_tokens(llm), tags=tool_tags(llm))
 
 
 def _eog_tokens(llm: Any) -> frozenset[int]:
     llama_cpp = import_llama_cpp()
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     return frozenset(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+
+
+def tool_tags(llm: Any) -> ToolTags:
+    """The model's spelling of the call tags: a tag its vocabulary turns into one control or user-defined token
+    (Qwen2.5's 151657, Hermes-3's) is that token in the grammar; any other is text."""
+    return ToolTags(open=_tag_token(llm, TOOL_OPEN), close=_tag_token(llm, TOOL_CLOSE))
+
+
+def _tag_token(llm: Any, tag: str) -> int | None:
+    llama_cpp = import_llama_cpp()
+    tokens = llm.tokenize(tag.encode(), add_bos=False, special=True)
+    if len(tokens) != 1:
+        return None
+    attr = llama_cpp.llama_token_get_attr(llama_cpp.llama_model_get_vocab(llm.model), tokens[0])
+    return tokens[0] if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED) else None
 
 
 # ---- one generation ------------------------------------------------------------------------------------
@@ -332,11 +352,11 @@ class LlamaCppBackend:
     def run(self, req: ChatRequest, on_text: OnText | None = None) -> tuple[Generation, ToolPlan]:
         """Generate synchronously (in the caller's thread): the text and the tool plan it was decoded under."""
         plan = plan_tools(req)
-        lark = request_lark(req)
         model = self.model()
+        lark = request_lark(req, model.tags)
         prompt = chat_format.render_prompt(req.messages, plan.functions, model.family)
         sampling = Sampling.from_request(req, self.options.seed)
-        with model.lock:
+        with model.lock, _engine_errors(model, self.binding.name):
             mask = _mask(model, lark) if lark else None
             return generate(model, prompt, sampling, mask, on_text), plan
 
@@ -344,6 +364,36 @@ class LlamaCppBackend:
         streamer = _Streamer(self, req)
         async for chunk in streamer.chunks():
             yield chunk
+
+
+# llama_decode's return codes (llama.h): 1 means no room left in the KV cache, 2 an abort; < 0 are fatal.
+_DECODE_FULL = "llama_decode returned 1"
+
+
+@contextlib.contextmanager
+def _engine_errors(model: LocalModel, binding: str) -> Iterator[None]:
+    """Map what llama.cpp and llguidance raise while answering into our tree, so no raw exception escapes.
+
+    The KV cache may be half-written after a failed decode, so the next call re-evaluates its prompt from scratch.
+    """
+    try:
+        yield
+    except SlmSwapError:
+        raise  # ours already (the prompt is too long, the grammar rejected a token): says what to do
+    except (RuntimeError, ValueError, OSError) as exc:
+        model.llm.n_tokens = 0
+        raise BackendError(_engine_failure(exc, model.llm.n_ctx(), binding)) from None
+
+
+def _engine_failure(exc: Exception, n_ctx: int, binding: str) -> str:
+    # Only the first line, and never past "text=": llama-cpp-python's tokenize errors quote the prompt, which may
+    # hold secrets that must not reach logs or captures.
+    detail = (str(exc).splitlines() or [""])[0].split(" text=")[0][:200] or type(exc).__name__
+    if detail.startswith(_DECODE_FULL):
+        return (f"{binding}: llama.cpp ran out of context (n_ctx={n_ctx}) while decoding ({detail}); shorten the "
+                f"prompt, lower max_tokens or raise n_ctx in the binding (e.g. {binding}?n_ctx=8192)")
+    return (f"{binding}: the local model failed while answering ({type(exc).__name__}: {detail}); the request was "
+            "not answered, retry it, and if it fails again try another binding or report the error")
 
 
 def _mask(model: LocalModel, lark: str) -> TokenMask:
