@@ -22,6 +22,9 @@ from app.errors import ConfigError
 DEFAULT_BINDING = "gguf:smollm2-135m"
 DEFAULT_FILE = "slmswap.toml"
 Stage = Literal["teacher", "shadow", "canary", "half", "student"]
+# The workflow's agents: routes that always exist, for the graph and for proxy clients (graphs/workflow.py
+# checks that its agents are exactly these).
+WORKFLOW_AGENTS = ("orchestrator", "retrieval", "processing", "validation", "formatting", "aggregate")
 
 
 class Section(BaseModel):
@@ -47,6 +50,22 @@ class WorkflowConfig(Section):
     max_tokens: int = Field(384, ge=16)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     data_db: str = ".slmswap/sales.db"
+
+
+class ProxyConfig(Section):
+    """`slmswap serve`: who may call it and how much it takes."""
+
+    api_keys: list[str] = []  # SHA-256 hashes of the keys (`slmswap keys new`), never the keys themselves
+    open_routes: bool = False  # an unknown `model` becomes a route on the default binding instead of a 404
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_concurrency: int = Field(64, ge=1)  # requests in flight per route; past that a 429 with Retry-After
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        from app.server.auth import normalise_hash
+
+        return [normalise_hash(v) for v in value]
 
 
 class LangfuseConfig(Section):
@@ -78,6 +97,7 @@ class Settings(BaseSettings):
     bindings: dict[str, dict[str, Any]] = {}
     workflow: WorkflowConfig = WorkflowConfig()
     langfuse: LangfuseConfig = LangfuseConfig()
+    proxy: ProxyConfig = ProxyConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 
@@ -97,6 +117,10 @@ class Settings(BaseSettings):
         """The route's config; a route not in the file is bound to the default binding."""
         route = self.routes.get(name) or RouteConfig()
         return route if route.teacher else route.model_copy(update={"teacher": self.default_binding})
+
+    def route_names(self) -> list[str]:
+        """The routes that exist: the workflow's agents and every route in the config."""
+        return list(dict.fromkeys([*WORKFLOW_AGENTS, *self.routes]))
 
     def binding(self, text: str) -> Binding:
         """Parse a binding string with options from this config's `[bindings]` table."""

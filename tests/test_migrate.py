@@ -72,13 +72,13 @@ def test_migrate_original_schema_keeps_rows(url, engine):
     with engine.begin() as conn:
         insert_original_rows(conn, created)
 
-    assert migrate(engine) == ["m002_calls_source", "m003_runs"]
+    assert migrate(engine) == ["m002_calls_source", "m003_runs", "m004_rollout"]
     assert shape(engine) == declared()
 
     with CaptureStore.open(url) as store:
         old = store.get_call("old-call")
-        assert (old.source, old.agent, old.valid, old.latency_ms, old.created_at) == (
-            "graph", "retrieval", True, 42.0, created)
+        assert (old.source, old.agent, old.valid, old.latency_ms, old.created_at, old.role, old.parent_id) == (
+            "graph", "retrieval", True, 42.0, created, "teacher", None)
         assert old.request["messages"][0]["content"] == "hello"
         assert old.response == {"content": "hi", "tool_calls": None, "finish_reason": "stop"}
         assert store.active_template("retrieval").text == "You retrieve."

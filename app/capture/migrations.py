@@ -125,3 +125,44 @@ def m003_runs(conn: Connection) -> None:
         Column("started_at", DateTime(timezone=True), nullable=False),
         Column("finished_at", DateTime(timezone=True)),
     )
+
+
+@migration
+def m004_rollout(conn: Connection) -> None:
+    # Calls recorded before rollout were all answered by the route's teacher.
+    _add_column(conn, "calls", Column("role", String, nullable=False, server_default="teacher"))
+    for name, kind in (("parent_id", String), ("fallback_reason", String), ("agreement", Boolean), ("caller", String)):
+        _add_column(conn, "calls", Column(name, kind))
+    Index("ix_calls_route_created_at", Table("calls", MetaData(), Column("route", String),
+                                             Column("created_at", DateTime(timezone=True))).c.route,
+          "created_at").create(conn)
+    _create_table(
+        conn, "route_state",
+        Column("route", String, primary_key=True),
+        Column("stage", String, nullable=False),
+        Column("student", String),
+        Column("auto", Boolean, nullable=False),
+        Column("since", DateTime(timezone=True), nullable=False),
+        Column("version", Integer, nullable=False),
+    )
+    _create_table(
+        conn, "stage_changes",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("old_stage", String),
+        Column("new_stage", String, nullable=False),
+        Column("reason", String, nullable=False),
+        Column("evidence", JSON),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_stage_changes_route", "route", "created_at"),
+    )
+    _create_table(
+        conn, "feedback",
+        Column("id", String, primary_key=True),
+        Column("call_id", String, nullable=False),
+        Column("score", Float),
+        Column("success", Boolean),
+        Column("comment", String),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_feedback_call_id", "call_id"),
+    )
