@@ -41,7 +41,21 @@ class RouteConfig(Section):
 
     teacher: str | None = None
     student: str | None = None
-    stage: Stage = "teacher"
+    stage: Stage = "teacher"  # the starting stage; the live one is kept in the store (`slmswap rollout`)
+    auto: bool = True  # let the gates move the stage; false freezes it
+    # Fall back to the teacher when the student's mean token log-probability is under this (None: never).
+    min_confidence: float | None = Field(None, le=0.0)
+
+
+class RolloutConfig(Section):
+    """The gates: the Wilson lower bound (95%) of the student's success a stage needs before the next one."""
+
+    shadow_to_canary: float = Field(0.90, gt=0, le=1)
+    canary_to_half: float = Field(0.90, gt=0, le=1)
+    half_to_student: float = Field(0.95, gt=0, le=1)
+    min_samples: int = Field(200, ge=1)  # judged student calls in a stage before its gates are read
+    judge_every: int = Field(10, ge=1)  # a serving process re-reads the gates after this many judged calls
+    shadow_concurrency: int = Field(4, ge=0)  # shadow students in flight per process; more are shed and counted
 
 
 class WorkflowConfig(Section):
@@ -98,6 +112,7 @@ class Settings(BaseSettings):
     workflow: WorkflowConfig = WorkflowConfig()
     langfuse: LangfuseConfig = LangfuseConfig()
     proxy: ProxyConfig = ProxyConfig()
+    rollout: RolloutConfig = RolloutConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from app.config import Stage
-from app.metrics import Rate, wilson
+from app.metrics import Rate, exact_match, normalize_value, wilson
+from app.validation import Verdict
 
 Role = Literal["teacher", "student"]
 STAGES: tuple[Stage, ...] = get_args(Stage)  # in rollout order
@@ -105,4 +106,24 @@ def judge_stage(route: str, stage: str, successes: int, trials: int, gates: Gate
     if down is not None and rate.low < down:
         return StageChange(route, stage, next_stage(stage, -1),
                            f"Wilson lower bound {rate.low:.3f} < gate {down} of stage {stage}", rate)
+    return None
+
+
+def agreement(teacher: Verdict, student: Verdict, structured: bool) -> bool | None:
+    """Whether a shadow student's answer matches the teacher's: tool calls by the exact-match rule, JSON by
+    normalised equality; None when there is nothing to compare (the teacher's answer was invalid, or both are
+    free text, which only a judge model could compare).
+
+    >>> from app.validation import Verdict, ParsedCall
+    >>> agreement(Verdict(True, calls=(ParsedCall("f", {"x": 1}),)), Verdict(True, calls=(ParsedCall("f", {"x": 1.0}),)), True)
+    True
+    """
+    if not teacher.valid:
+        return None
+    if not student.valid:
+        return False
+    if teacher.calls or student.calls:
+        return exact_match(student.calls, teacher.calls)
+    if structured:
+        return normalize_value(student.value) == normalize_value(teacher.value)
     return None
