@@ -129,7 +129,7 @@ def test_shadow_answers_with_the_teacher_and_records_the_students_agreement(make
 
     async def three():
         roles = [(await router.complete(*ask(f"u{i}"))).slmswap.role for i in range(3)]
-        await router.drain_shadows()
+        await router.drain()
         return roles
 
     assert asyncio.run(three()) == ["teacher"] * 3
@@ -151,7 +151,7 @@ def run_many(router, n, tools=True):
     async def go():
         for i in range(n):
             await router.complete(*ask(f"user-{i}", tools))
-        await router.drain_shadows()
+        await router.drain()
     asyncio.run(go())
 
 
@@ -175,10 +175,15 @@ def test_the_gates_demote_a_failing_student_one_stage(make, scripted):
     scripted("s").default = BAD
     router = make()
     router.states.set_stage("r", "half", "started by the test")
-    for i in range(200):
-        asyncio.run(router.complete(*ask(f"user-{i}")))
-        if router.route("r").stage != "half":
-            break
+
+    async def until_it_moves():
+        for i in range(200):
+            await router.complete(*ask(f"user-{i}"))
+            await router.drain()  # the gate check runs in a worker thread; let it finish before the next call
+            if router.route("r").stage != "half":
+                return
+
+    asyncio.run(until_it_moves())
     assert router.route("r").stage == "canary"  # one step down; the counts start again for canary
     change = router.store.stage_changes("r")[0]
     assert (change.old_stage, change.new_stage, change.evidence["trials"], change.evidence["successes"]) == (

@@ -70,6 +70,10 @@ class CaptureStore:
         """Persist one call (redacted); durable when this returns. Concurrent callers share one commit."""
         self._writer.write(_call_row(call))
 
+    def record_soon(self, call: CallRecord) -> None:
+        """Queue one call for the next group commit and return at once (never blocks an event loop)."""
+        self._writer.submit(_call_row(call))
+
     async def arecord(self, call: CallRecord) -> None:
         """`record` for async code: awaits the same commit without blocking the event loop.
 

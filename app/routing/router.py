@@ -65,9 +65,16 @@ class Router:
         self.counts: Counter[str] = Counter()  # fallbacks by reason, shadows shed: what /metrics reports
         self._judged: Counter[str] = Counter()
         self._shadows: set[asyncio.Task] = set()
+        self._judging: set[asyncio.Future] = set()  # gate checks run in worker threads, off the request path
 
     def route(self, name: str) -> Route:
         return self.states.get(name)
+
+    async def aroute(self, name: str) -> Route:
+        """`route` for the request path: the store is re-read (at most every REFRESH_S) in a worker thread."""
+        if self.states.fresh():
+            return self.states.get(name)
+        return await asyncio.to_thread(self.states.get, name)
 
     # ---- one call ----------------------------------------------------------------------------------------
 
@@ -78,7 +85,7 @@ class Router:
         as an SlmSwapError (cancellation is captured as `aborted` and re-raised as it is).
         """
         ctx = ctx or CallContext(route=req.model)
-        route = self.route(ctx.route)
+        route = await self.aroute(ctx.route)
         decision = decide(route.name, route.stage, route.student is not None, ctx.sticky_key or uuid.uuid4().hex)
         if decision.student_answers:
             first = await self._attempt(req, ctx, route, "student", route.student)
@@ -100,7 +107,7 @@ class Router:
         before its first chunk. After the first chunk has gone out an error ends the stream.
         """
         ctx = ctx or CallContext(route=req.model)
-        route = self.route(ctx.route)
+        route = await self.aroute(ctx.route)
         decision = decide(route.name, route.stage, route.student is not None, ctx.sticky_key or uuid.uuid4().hex)
         if decision.student_answers:
             structured = bool(req.tools or req.response_format)
@@ -136,7 +143,7 @@ class Router:
         try:
             resp = checked_reply(binding, await self.backends.get(binding).complete(req))
         except BaseException as exc:
-            return self._failed(req, ctx, route, info, started, exc, parent)
+            return await self._capture_failure(self._failed(req, ctx, route, info, started, exc, parent))
         info.latency_ms = (time.perf_counter() - started) * 1000
         attempt = await self._judge(req, ctx, route, info, binding, resp, parent, reference)
         resp.model, resp.slmswap = binding.name, info
@@ -166,9 +173,17 @@ class Router:
         self._after_judged(route, info.role)
         return Attempt(info.role, info, resp, verdict=verdict)
 
+    async def _capture_failure(self, failed: tuple[Attempt, CallRecord | None]) -> Attempt:
+        attempt, record = failed
+        if record is not None:
+            await self.store.arecord(record)
+        return attempt
+
     def _failed(self, req: ChatRequest, ctx: CallContext, route: Route, info: CallInfo, started: float,
-                exc: BaseException, parent: Attempt | None, partial: ChatResponse | None = None) -> Attempt:
-        """Capture a failed or aborted attempt. Aborts (cancellation, a closed stream) are re-raised at once."""
+                exc: BaseException, parent: Attempt | None,
+                partial: ChatResponse | None = None) -> tuple[Attempt, CallRecord | None]:
+        """A failed attempt and the record the caller must await; an abort (cancellation, a closed stream) is
+        queued for capture without waiting and re-raised at once: there may be no event loop turn left for it."""
         aborted = not isinstance(exc, Exception)  # CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit
         error = exc if aborted or isinstance(exc, SlmSwapError) else BackendError(
             f"{info.binding} failed: {type(exc).__name__}: {str(exc)[:300]}")
@@ -176,14 +191,14 @@ class Router:
         info.error_type = "aborted" if aborted else getattr(error, "capture_type", "backend_error")
         info.error_detail = ("the caller went away before the answer was complete" if aborted else str(error))[:2000]
         response = response_payload(partial) if partial is not None and aborted else None
-        if self.store is not None and ctx.capture:
-            # Synchronous on purpose: an aborted call may have no event loop turn left to await a write in
-            # (a cancelled task, an async generator being closed). The commit takes milliseconds.
-            self.store.record(self._record(req, ctx, info, response, Usage(), 0.0, parent, None))
+        record = self._record(req, ctx, info, response, Usage(), 0.0, parent, None)
+        keep = self.store is not None and ctx.capture
         if aborted:
+            if keep:
+                self.store.record_soon(record)
             raise exc
         self._after_judged(route, info.role)
-        return Attempt(info.role, info, error=error)  # type: ignore[arg-type]
+        return Attempt(info.role, info, error=error), record if keep else None  # type: ignore[arg-type]
 
     def _record(self, req: ChatRequest, ctx: CallContext, info: CallInfo, response: dict | None, usage: Usage,
                 teacher_cost: float, parent: Attempt | None, agreed: bool | None) -> CallRecord:
@@ -211,10 +226,12 @@ class Router:
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
-    async def drain_shadows(self) -> None:
-        """Wait for the shadow students in flight (tests, and a server shutting down)."""
-        while self._shadows:
-            await asyncio.gather(*list(self._shadows), return_exceptions=True)
+    async def drain(self) -> None:
+        """Wait for the shadow students and gate checks in flight (tests, and a server shutting down)."""
+        while self._shadows or self._judging:
+            pending = [*self._shadows, *self._judging]
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._judging.difference_update(pending)
 
     def _after_judged(self, route: Route, role: Role) -> None:
         """Every `judge_every` judged student outcomes, read the route's gates and move it if they say so."""
@@ -222,7 +239,7 @@ class Router:
             return
         self._judged[route.name] += 1
         if self._judged[route.name] % self.settings.rollout.judge_every == 0:
-            self.judge(route.name)
+            self._judging.add(asyncio.ensure_future(asyncio.to_thread(self.judge, route.name)))
 
     def judge(self, name: str):
         """Apply the gates to a route now; returns the stage change made, or None."""
@@ -294,8 +311,9 @@ class _StreamAttempt:
                 self.sent = True
                 yield chunk
         except BaseException as exc:
-            self.attempt = self.router._failed(self.req, self.ctx, self.route, self.info, started, exc, self.parent,
-                                               self.acc.response())
+            failed = self.router._failed(self.req, self.ctx, self.route, self.info, started, exc, self.parent,
+                                         self.acc.response())
+            self.attempt = await self.router._capture_failure(failed)
             return
         finally:
             await stream.aclose()

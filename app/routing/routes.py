@@ -71,6 +71,10 @@ class RouteStates:
         return replace(base, stage=stored.stage, student=student, auto=stored.auto, since=stored.since,
                        version=stored.version)
 
+    def fresh(self) -> bool:
+        """True when `get` will not touch the store (its view is younger than refresh_s, or there is no store)."""
+        return self.store is None or time.monotonic() - self._checked < self.refresh_s
+
     def refresh(self) -> None:
         """Re-read the store now (a test, or a process that just changed a stage itself)."""
         with self._lock:
