@@ -10,6 +10,7 @@ from agents.bounds import ANSWER_ERROR_CHARS, ANSWER_PART_CHARS, SUMMARY_RESULT_
 from agents.plan import Plan, default_plan, normalise
 from agents.tools.formatting import render_table
 from agents.tools.tables import columns_of
+from app.errors import SETUP_ERRORS, SlmSwapError
 
 PLAN_TOKENS = 512
 SUMMARY_PENALTY = 0.5
@@ -21,7 +22,12 @@ async def make_plan(query: str, template: dict[str, str], services: Any, run_id:
     # A plan is bounded JSON (at most 4 steps of 3 short tasks); give it room whatever the per-call default.
     model = services.chat_model("orchestrator", template["id"], run_id, max_tokens=max(PLAN_TOKENS, services.settings.workflow.max_tokens))
     structured = model.with_structured_output(Plan, include_raw=True)
-    out = await structured.ainvoke([SystemMessage(template["text"]), HumanMessage(query)])
+    try:
+        out = await structured.ainvoke([SystemMessage(template["text"]), HumanMessage(query)])
+    except SETUP_ERRORS:
+        raise
+    except SlmSwapError as exc:  # the model failed: the run goes on with the default plan and says why
+        return default_plan(query), f"the orchestrator's model failed ({exc}); ran the default plan"
     if out["parsed"] is not None:
         return normalise(out["parsed"]), None
     info = out["raw"].response_metadata.get("slmswap") or {}
@@ -34,10 +40,16 @@ async def aggregate(state: dict[str, Any], template: dict[str, str], services: A
     results = list((state.get("results") or {}).values())
     # A mild frequency penalty: small models otherwise repeat their last sentence until max_tokens.
     model = services.chat_model("aggregate", template["id"], state.get("run_id")).bind(frequency_penalty=SUMMARY_PENALTY)
-    summary = await model.ainvoke([SystemMessage(template["text"]),
-                                   HumanMessage(f"User request: {state['query']}\n\nResults:\n{results_text(results)}")])
-    text = summary.content if isinstance(summary.content, str) else ""
-    return compose_answer(text, results, state.get("plan_note"), state.get("datasets") or {})
+    notes = [state["plan_note"]] if state.get("plan_note") else []
+    try:
+        summary = await model.ainvoke([SystemMessage(template["text"]),
+                                       HumanMessage(f"User request: {state['query']}\n\nResults:\n{results_text(results)}")])
+        text = summary.content if isinstance(summary.content, str) else ""
+    except SETUP_ERRORS:
+        raise
+    except SlmSwapError as exc:  # no summary, but the results and the failures are still the answer
+        text, notes = "", [*notes, f"the summary's model failed ({exc})"]
+    return compose_answer(text, results, "; ".join(notes) or None, state.get("datasets") or {})
 
 
 def results_text(results: list[dict[str, Any]]) -> str:

@@ -17,7 +17,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from agents.bounds import ANSWER_ERROR_CHARS, PROMPT_CHARS, PROMPT_DATASET_CHARS, PROMPT_RESULT_CHARS, clip
 from agents.loop import LoopOutcome, run_tool_loop
 from agents.tools import TOOLS_BY_AGENT, ToolContext, ensure_sales_db
-from app.errors import SlmSwapError
+from app.errors import SETUP_ERRORS, SlmSwapError
 
 PREVIEW_ROWS = 3
 
@@ -36,6 +36,8 @@ async def run_subagent(payload: dict[str, Any], services: Any) -> dict[str, Any]
         attempts += 1
         try:
             outcome = await run_tool_loop(model, messages, TOOLS_BY_AGENT[agent], ctx, wf.max_tool_turns)
+        except SETUP_ERRORS:
+            raise
         except SlmSwapError as exc:  # the model call failed: this task fails, the run goes on and reports it
             outcome = LoopOutcome(False, "", clip(str(exc), ANSWER_ERROR_CHARS, "error"))
         if outcome.ok:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.bindings import Binding, parse_binding
@@ -24,6 +24,9 @@ from app.errors import ConfigError, UsageError
 DEFAULT_BINDING = "gguf:smollm2-135m"
 DEFAULT_FILE = "slmswap.toml"
 Stage = Literal["teacher", "shadow", "canary", "half", "student"]
+# The workflow's agents: routes that always exist, for the graph and for proxy clients (graphs/workflow.py
+# checks that its agents are exactly these).
+WORKFLOW_AGENTS = ("orchestrator", "retrieval", "processing", "validation", "formatting", "aggregate")
 
 
 class Section(BaseModel):
@@ -40,7 +43,21 @@ class RouteConfig(Section):
 
     teacher: str | None = None
     student: str | None = None
-    stage: Stage = "teacher"
+    stage: Stage = "teacher"  # the starting stage; the live one is kept in the store (`slmswap rollout`)
+    auto: bool = True  # let the gates move the stage; false freezes it
+    # Fall back to the teacher when the student's mean token log-probability is under this (None: never).
+    min_confidence: float | None = Field(None, le=0.0)
+
+
+class RolloutConfig(Section):
+    """The gates: the Wilson lower bound (95%) of the student's success a stage needs before the next one."""
+
+    shadow_to_canary: float = Field(0.90, gt=0, le=1)
+    canary_to_half: float = Field(0.90, gt=0, le=1)
+    half_to_student: float = Field(0.95, gt=0, le=1)
+    min_samples: int = Field(200, ge=1)  # judged student calls in a stage before its gates are read
+    judge_every: int = Field(10, ge=1)  # a serving process re-reads the gates after this many judged calls
+    shadow_concurrency: int = Field(4, ge=0)  # shadow students in flight per process; more are shed and counted
 
 
 class WorkflowConfig(Section):
@@ -49,6 +66,22 @@ class WorkflowConfig(Section):
     max_tokens: int = Field(384, ge=16)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     data_db: str = ".slmswap/sales.db"
+
+
+class ProxyConfig(Section):
+    """`slmswap serve`: who may call it and how much it takes."""
+
+    api_keys: list[str] = []  # SHA-256 hashes of the keys (`slmswap keys new`), never the keys themselves
+    open_routes: bool = False  # an unknown `model` becomes a route on the default binding instead of a 404
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_concurrency: int = Field(64, ge=1)  # requests in flight per route; past that a 429 with Retry-After
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        from app.server.auth import normalise_hash
+
+        return [normalise_hash(v) for v in value]
 
 
 class LangfuseConfig(Section):
@@ -80,6 +113,8 @@ class Settings(BaseSettings):
     bindings: dict[str, dict[str, Any]] = {}
     workflow: WorkflowConfig = WorkflowConfig()
     langfuse: LangfuseConfig = LangfuseConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    rollout: RolloutConfig = RolloutConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 
@@ -93,6 +128,10 @@ class Settings(BaseSettings):
         """The route's config; a route not in the file is bound to the default binding."""
         route = self.routes.get(name) or RouteConfig()
         return route if route.teacher else route.model_copy(update={"teacher": self.default_binding})
+
+    def route_names(self) -> list[str]:
+        """The routes that exist: the workflow's agents and every route in the config."""
+        return list(dict.fromkeys([*WORKFLOW_AGENTS, *self.routes]))
 
     def binding(self, text: str) -> Binding:
         """Parse a binding string with options from this config's `[bindings]` table."""

@@ -72,3 +72,8 @@ class StoreError(SlmSwapError):
 class ToolError(SlmSwapError):
     exit_code = 2
     error_type = "tool_error"
+
+
+# Errors of the setup rather than of one call (a model file missing, a key unset, a bad binding): every call would
+# fail the same way, so a run stops on them instead of reporting each task as failed.
+SETUP_ERRORS = (MissingDependency, ConfigError, BindingError)

@@ -130,6 +130,7 @@ class CallInfo(OpenAIModel):
     call_id: str
     route: str
     binding: str
+    role: Literal["teacher", "student", "shadow"] = "teacher"
     template_id: str | None = None
     valid: bool = True
     error_type: str | None = None

@@ -72,13 +72,13 @@ def test_migrate_original_schema_keeps_rows(url, engine):
     with engine.begin() as conn:
         insert_original_rows(conn, created)
 
-    assert migrate(engine) == ["m002_calls_source", "m003_runs", "m004_runs_pid_host"]
+    assert migrate(engine) == ["m002_calls_source", "m003_runs", "m004_runs_pid_host", "m005_rollout"]
     assert shape(engine) == declared()
 
     with CaptureStore.open(url) as store:
         old = store.get_call("old-call")
-        assert (old.source, old.agent, old.valid, old.latency_ms, old.created_at) == (
-            "graph", "retrieval", True, 42.0, created)
+        assert (old.source, old.agent, old.valid, old.latency_ms, old.created_at, old.role, old.parent_id) == (
+            "graph", "retrieval", True, 42.0, created, "teacher", None)
         assert old.request["messages"][0]["content"] == "hello"
         assert old.response == {"content": "hi", "tool_calls": None, "finish_reason": "stop"}
         assert store.active_template("retrieval").text == "You retrieve."
@@ -98,7 +98,7 @@ def test_runs_from_before_m004_keep_their_status_and_new_ones_know_their_process
                               " VALUES (:id, 'q', :status, NULL, NULL, :started, NULL)"),
                          {"id": run_id, "status": status, "started": started.strftime("%Y-%m-%d %H:%M:%S.%f")})
 
-    assert migrate(engine) == ["m004_runs_pid_host"]
+    assert migrate(engine) == ["m004_runs_pid_host", "m005_rollout"]
     assert shape(engine) == declared()
     with CaptureStore.open(url) as store:
         # No pid was recorded, so whether that process lives is unknown: it is shown as stored, not as died.

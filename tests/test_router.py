@@ -131,3 +131,19 @@ def test_concurrent_calls_all_captured(router, scripted):
     answers = [r.message.content for r in asyncio.run(many())]
     assert sorted(answers) == sorted(f"m{i}" for i in range(50))
     assert len(router.store.list_calls(limit=100)) == 50
+
+
+def test_a_stream_the_client_abandons_is_captured_as_aborted_with_what_it_had(router, scripted):
+    scripted("r").enqueue("one two three four")
+
+    async def first_two_then_leave():
+        stream = router.stream(request(), CTX)
+        got = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()  # what a client disconnecting mid-stream does to the generator
+        return got
+
+    asyncio.run(first_two_then_leave())
+    router.store.flush()  # an aborted call is queued for the next commit, not waited for
+    [row] = router.store.list_calls()
+    assert (row.valid, row.error_type, row.run_id) == (False, "aborted", "run1")
+    assert row.response["content"] == "one "  # the part it had streamed

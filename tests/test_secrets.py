@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app import secrets as module
+from app.routing.context import CallContext
 from app.capture.redact import redact
 from app.capture.store import CaptureStore
 from app.config import load_settings
@@ -182,8 +183,10 @@ def files_under(root: Path) -> dict[str, bytes]:
 
 
 def chat(content: str = "hello") -> ChatRequest:
-    return ChatRequest(model="retrieval", messages=[{"role": "user", "content": content}],
-                       metadata={"run_id": "run-secrets"}, decoding="free")
+    return ChatRequest(model="retrieval", messages=[{"role": "user", "content": content}], decoding="free")
+
+
+CTX = CallContext(route="retrieval", run_id="run-secrets")
 
 
 def test_router_capture_keeps_no_echoed_key(tmp_path, monkeypatch, capfd):
@@ -206,7 +209,7 @@ def test_router_capture_keeps_no_echoed_key(tmp_path, monkeypatch, capfd):
                 monkeypatch.setenv("SLMSWAP_DEFAULT_BINDING", binding)
                 router = Router(load_settings(), store)
                 try:
-                    resp = asyncio.run(router.complete(chat()))
+                    resp = asyncio.run(router.complete(chat(), CTX))
                     errors.append(resp.message.content)
                 except BackendError as exc:
                     errors.append(str(exc))

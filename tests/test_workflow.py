@@ -217,3 +217,34 @@ def test_a_huge_cell_is_bounded_in_the_next_prompt_the_answer_and_the_store(serv
         [(answer_size,)] = conn.execute("SELECT length(answer) FROM runs WHERE id = ?", (run_id,)).fetchall()
     assert calls == 6 and largest_call < 20_000
     assert answer_size == len(answer)
+
+
+def test_a_failing_orchestrator_or_summary_model_does_not_end_the_run(services, scripted):
+    """The planner's model failing gives the default plan; the summary's failing still gives the results."""
+    from app.errors import BadReply
+
+    scripted("orchestrator").default = BadReply("openai:planner replied with no choices")
+    scripted("aggregate").default = RuntimeError("engine on fire")  # not even our error: the Router maps it
+    scripted("retrieval").default = tool_then_text(tool("run_sql", query="SELECT 1 AS x"), "fetched")
+    scripted("processing").default = "nothing to process"
+    scripted("validation").default = tool_then_text(CHECK, "checked")
+    scripted("formatting").default = tool_then_text(REPORT, "formatted")
+    state, run_id = run(services)
+    assert [s["tasks"][0]["agent"] for s in state["plan"]["steps"]] == ["retrieval", "processing", "validation", "formatting"]
+    answer = state["answer"]
+    assert "the orchestrator's model failed (openai:planner replied with no choices); ran the default plan" in answer
+    assert "the summary's model failed (scripted:aggregate failed: RuntimeError: engine on fire)" in answer
+    assert "# Q4" in answer  # the formatting step's report is still the answer
+    calls = services.store.calls_for_run(run_id)
+    assert [(c.valid, c.error_type) for c in calls if c.agent in ("orchestrator", "aggregate")] == [
+        (False, "backend_error"), (False, "backend_error")]
+
+
+def test_a_setup_error_stops_the_run_instead_of_failing_every_task(services, scripted):
+    """A missing model file or key would fail every call alike: the run stops with that one message."""
+    from app.errors import MissingDependency
+
+    scripted("orchestrator").enqueue(plan(["retrieval"], ["formatting"]))
+    scripted("retrieval").default = MissingDependency("GGUF model file not found: /nope.gguf")
+    with pytest.raises(MissingDependency, match="/nope.gguf"):
+        run(services)

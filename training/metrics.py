@@ -1,5 +1,6 @@
-"""Scores for model outputs against references: exact match, BFCL's AST rule, argument and JSON F1, Wilson
-intervals, routing accuracy and workflow success. Pure functions over plain data.
+"""Scores for model outputs against references: exact match and Wilson intervals (from `app/metrics.py`, which the
+Router's rollout uses too), BFCL's AST rule, argument and JSON F1, routing accuracy and workflow success. Pure
+functions over plain data.
 
 Normalisation (exact_match, arg_f1, json_f1): numbers compare by value (1 == 1.0), booleans are not numbers,
 strings are stripped and their whitespace runs collapsed (case kept), dicts and lists recurse (list order kept).
@@ -7,44 +8,14 @@ strings are stripped and their whitespace runs collapsed (case kept), dicts and 
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from app.errors import UsageError
+from app.metrics import Rate, exact_match, normalize_value, wilson  # noqa: F401  (the rules the Router also uses)
 from app.validation import ParsedCall
-
-# ---- normalisation and exact match -----------------------------------------------------------------------
-
-
-def normalize_value(value: Any) -> Any:
-    """A hashable canonical form: equal forms mean equal values under the module's rules."""
-    if isinstance(value, bool) or value is None:
-        return ("lit", value)
-    if isinstance(value, int):
-        return ("num", value)
-    if isinstance(value, float):
-        return ("num", int(value) if value.is_integer() else value)
-    if isinstance(value, str):
-        return ("str", " ".join(value.split()))
-    if isinstance(value, Mapping):
-        return ("obj", tuple(sorted((str(k), normalize_value(v)) for k, v in value.items())))
-    if isinstance(value, (list, tuple)):
-        return ("arr", tuple(normalize_value(v) for v in value))
-    return ("other", repr(value))
-
-
-def _call_key(call: ParsedCall) -> tuple:
-    return call.name, normalize_value(call.arguments)
-
-
-def exact_match(pred: Sequence[ParsedCall], ref: Sequence[ParsedCall]) -> bool:
-    """Same calls with the same normalised arguments, in any order (a multiset match, for parallel calls)."""
-    return Counter(map(_call_key, pred)) == Counter(map(_call_key, ref))
-
 
 # ---- F1 scores ------------------------------------------------------------------------------------------
 
@@ -87,37 +58,6 @@ def json_f1(pred_value: Any, ref_value: Any) -> float:
     Pass None for an output that did not parse: it scores 0.0 unless the reference is null.
     """
     return _f1(Counter(_flatten(pred_value)), Counter(_flatten(ref_value)))
-
-
-# ---- Wilson interval ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Rate:
-    k: int
-    n: int
-    rate: float
-    low: float
-    high: float
-
-    def __str__(self) -> str:
-        return f"{self.rate:.1%} [{self.low:.1%}, {self.high:.1%}] ({self.k}/{self.n})"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> Rate:
-    """k successes in n trials with the Wilson score interval (95% for z=1.96); n == 0 gives rate 0 in [0, 1].
-
-    >>> str(wilson(7, 10))
-    '70.0% [39.7%, 89.2%] (7/10)'
-    """
-    if n == 0:
-        return Rate(0, 0, 0.0, 0.0, 1.0)
-    if not 0 <= k <= n:
-        raise UsageError(f"wilson needs 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Rate(k, n, p, max(0.0, centre - half), min(1.0, centre + half))
 
 
 # ---- routing and workflows ------------------------------------------------------------------------------

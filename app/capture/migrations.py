@@ -132,3 +132,44 @@ def m004_runs_pid_host(conn: Connection) -> None:
     # Runs recorded before this step have no pid: the store cannot tell whether they died, so they read as stored.
     _add_column(conn, "runs", Column("pid", Integer))
     _add_column(conn, "runs", Column("host", String))
+
+
+@migration
+def m005_rollout(conn: Connection) -> None:
+    # Calls recorded before rollout were all answered by the route's teacher.
+    _add_column(conn, "calls", Column("role", String, nullable=False, server_default="teacher"))
+    for name, kind in (("parent_id", String), ("fallback_reason", String), ("agreement", Boolean), ("caller", String)):
+        _add_column(conn, "calls", Column(name, kind))
+    Index("ix_calls_route_created_at", Table("calls", MetaData(), Column("route", String),
+                                             Column("created_at", DateTime(timezone=True))).c.route,
+          "created_at").create(conn)
+    _create_table(
+        conn, "route_state",
+        Column("route", String, primary_key=True),
+        Column("stage", String, nullable=False),
+        Column("student", String),
+        Column("auto", Boolean, nullable=False),
+        Column("since", DateTime(timezone=True), nullable=False),
+        Column("version", Integer, nullable=False),
+    )
+    _create_table(
+        conn, "stage_changes",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("old_stage", String),
+        Column("new_stage", String, nullable=False),
+        Column("reason", String, nullable=False),
+        Column("evidence", JSON),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_stage_changes_route", "route", "created_at"),
+    )
+    _create_table(
+        conn, "feedback",
+        Column("id", String, primary_key=True),
+        Column("call_id", String, nullable=False),
+        Column("score", Float),
+        Column("success", Boolean),
+        Column("comment", String),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_feedback_call_id", "call_id"),
+    )

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from app.wire import ChatRequest, ChatResponse
 
 Source = Literal["graph", "proxy", "eval"]
+Role = Literal["teacher", "student", "shadow"]  # shadow: a student run beside the teacher, never shown to the client
 # "died" is never stored: the store reports a "running" run as died when its process on this host is gone.
 RunStatus = Literal["running", "ok", "failed", "interrupted", "died"]
 Origin = Literal["base", "evolved", "manual"]
@@ -51,6 +52,11 @@ class CallRecord:
     cost_usd: float = 0.0
     teacher_cost_usd: float | None = None
     created_at: datetime = field(default_factory=utcnow)
+    role: Role = "teacher"
+    parent_id: str | None = None  # the attempt this one replaced (a fallback) or shadowed
+    fallback_reason: str | None = None  # why the parent's answer was not used: error, timeout, invalid, confidence
+    agreement: bool | None = None  # a shadow student's answer matched the teacher's (None: not judged)
+    caller: str | None = None  # the hash of the proxy key that made the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,37 @@ class TemplateRecord:
     failures: int = 0
     active: bool = True
     created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStateRecord:
+    """A route's live rollout state, shared by every process through the store."""
+
+    route: str
+    stage: str
+    student: str | None
+    auto: bool
+    since: datetime  # when the current stage began: outcomes before it do not count for its gates
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StageChange:
+    route: str
+    old_stage: str | None
+    new_stage: str
+    reason: str
+    evidence: dict[str, Any] | None = None
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcomes:
+    """A route's judged student calls in its current stage (what the gates read)."""
+
+    successes: int
+    trials: int
 
 
 @dataclass(frozen=True, slots=True)

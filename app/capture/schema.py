@@ -31,8 +31,16 @@ calls = Table(
     Column("teacher_cost_usd", Float),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("source", String, nullable=False, server_default="graph"),  # graph | proxy | eval; added by m002
+    # Added by m004: who answered (teacher | student | shadow), the first attempt a fallback replaced, why, whether a
+    # shadow student agreed with the teacher, and the hash of the proxy key that made the call.
+    Column("role", String, nullable=False, server_default="teacher"),
+    Column("parent_id", String),
+    Column("fallback_reason", String),
+    Column("agreement", Boolean),
+    Column("caller", String),
     Index("ix_calls_agent_created_at", "agent", "created_at"),
     Index("ix_calls_run_id", "run_id"),
+    Index("ix_calls_route_created_at", "route", "created_at"),
 )
 
 runs = Table(
@@ -63,4 +71,40 @@ templates = Table(
     Column("active", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_templates_agent", "agent"),
+)
+
+route_state = Table(
+    "route_state",
+    metadata,
+    Column("route", String, primary_key=True),
+    Column("stage", String, nullable=False),
+    Column("student", String),
+    Column("auto", Boolean, nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False),  # when the current stage began
+    Column("version", Integer, nullable=False),  # +1 on every change: serving processes re-read when it moves
+)
+
+stage_changes = Table(
+    "stage_changes",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("route", String, nullable=False),
+    Column("old_stage", String),
+    Column("new_stage", String, nullable=False),
+    Column("reason", String, nullable=False),
+    Column("evidence", JSON),  # successes, trials, rate, low, high, gate
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_stage_changes_route", "route", "created_at"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("call_id", String, nullable=False),
+    Column("score", Float),
+    Column("success", Boolean),
+    Column("comment", String),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_feedback_call_id", "call_id"),
 )

@@ -20,15 +20,15 @@ from datetime import UTC, datetime
 from itertools import groupby
 from typing import Any, get_args
 
-from sqlalchemy import Engine, Select, select
+from sqlalchemy import Engine, Select, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.capture.engine import FIX, open_engine, write_transaction
 from app.capture.migrations import migrate
-from app.capture.records import (AgentStats, CallRecord, RunRecord, RunStatus, Source, TemplateRecord, new_id,
-                                 utcnow)
+from app.capture.records import (AgentStats, CallRecord, Outcomes, RouteStateRecord, RunRecord, RunStatus, Source,
+                                 StageChange, TemplateRecord, new_id, utcnow)
 from app.capture.redact import redact, redact_text
-from app.capture.schema import calls, runs, templates
+from app.capture.schema import calls, feedback, route_state, runs, stage_changes, templates
 from app.capture.writer import CompiledInsert, GroupCommitWriter
 from app.errors import StoreError, UsageError
 
@@ -70,6 +70,10 @@ class CaptureStore:
     def record(self, call: CallRecord) -> None:
         """Persist one call (redacted); durable when this returns. Concurrent callers share one commit."""
         self._writer.write(_call_row(call))
+
+    def record_soon(self, call: CallRecord) -> None:
+        """Queue one call for the next group commit and return at once (never blocks an event loop)."""
+        self._writer.submit(_call_row(call))
 
     async def arecord(self, call: CallRecord) -> None:
         """`record` for async code: awaits the same commit without blocking the event loop.
@@ -183,6 +187,73 @@ class CaptureStore:
             if not conn.execute(update).rowcount:
                 raise UsageError(f"no template has id {template_id!r}; see `slmswap templates list`")
 
+    # ---- rollout: route state, stage changes, feedback -------------------------------------------------------
+
+    def route_states(self) -> dict[str, RouteStateRecord]:
+        """Every route's stored state (routes never changed from their config have none)."""
+        return {row["route"]: _route_state(row) for row in self._fetch(select(route_state))}
+
+    def route_state_version(self) -> int:
+        """A number that moves whenever any route's state changes: a cheap poll for serving processes."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(route_state.c.version), 0))).scalar_one())
+
+    def set_route_state(self, state: RouteStateRecord, change: StageChange | None = None) -> RouteStateRecord:
+        """Write a route's state (and the stage change that led to it, with its evidence) in one transaction."""
+        self._check_open()
+        with write_transaction(self._engine) as conn:
+            old = conn.execute(select(route_state).where(route_state.c.route == state.route)).mappings().first()
+            version = (old["version"] if old else 0) + 1
+            row = {"route": state.route, "stage": state.stage, "student": state.student, "auto": state.auto,
+                   "since": _utc(state.since), "version": version}
+            if old:
+                conn.execute(route_state.update().where(route_state.c.route == state.route).values(**row))
+            else:
+                conn.execute(route_state.insert().values(**row))
+            if change is not None:
+                conn.execute(stage_changes.insert().values(
+                    id=change.id, route=change.route, old_stage=change.old_stage, new_stage=change.new_stage,
+                    reason=redact_text(change.reason), evidence=change.evidence, created_at=_utc(change.created_at)))
+        return RouteStateRecord(**{**row, "since": _utc(state.since)})
+
+    def stage_changes(self, route: str | None = None, limit: int = 50) -> list[StageChange]:
+        query = select(stage_changes).order_by(stage_changes.c.created_at.desc()).limit(limit)
+        if route is not None:
+            query = query.where(stage_changes.c.route == route)
+        return [StageChange(**{**dict(row), "created_at": _utc(row["created_at"])}) for row in self._fetch(query)]
+
+    def add_feedback(self, call_id: str, score: float | None = None, success: bool | None = None,
+                     comment: str | None = None) -> str:
+        """Store a client's judgement of a call; UsageError when no such call was captured."""
+        self._check_open()
+        if score is None and success is None:
+            raise UsageError('feedback needs "score" (a number) or "success" (true/false)')
+        with write_transaction(self._engine) as conn:
+            if conn.execute(select(calls.c.id).where(calls.c.id == call_id)).first() is None:
+                raise UsageError(f"no captured call has id {call_id!r}; use the x-slmswap-call-id of a response")
+            feedback_id = new_id()
+            conn.execute(feedback.insert().values(id=feedback_id, call_id=call_id, score=score, success=success,
+                                                  comment=_redact_opt(comment), created_at=utcnow()))
+        return feedback_id
+
+    def student_outcomes(self, route: str, since: datetime) -> Outcomes:
+        """The route's judged student calls since `since`: answering ones and shadow ones.
+
+        A call succeeds when its output was valid, it did not disagree with the teacher (where a shadow compared
+        them), and no feedback on it was negative (success false or score <= 0). Answering student calls whose
+        output failed count as failures too: that is what a fallback is.
+        """
+        negative = (select(feedback.c.call_id).where((feedback.c.success.is_(False)) | (feedback.c.score <= 0))
+                    .scalar_subquery())
+        judged = calls.c.role.in_(("student", "shadow")) & (calls.c.route == route) & (calls.c.created_at >= _utc(since))
+        # A shadow call whose agreement was not judged (free text without a judge) says nothing either way.
+        judged &= ~((calls.c.role == "shadow") & calls.c.agreement.is_(None) & calls.c.valid)
+        ok = calls.c.valid & ~calls.c.agreement.is_(False) & ~calls.c.id.in_(negative)
+        query = select(func.count(), func.coalesce(func.sum(case((ok, 1), else_=0)), 0)).where(judged)
+        with self._engine.connect() as conn:
+            trials, successes = conn.execute(query).one()
+        return Outcomes(successes=int(successes), trials=int(trials))
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -256,6 +327,10 @@ def _died(pid: int | None, host: str | None) -> bool:
     except PermissionError:  # exists, owned by someone else
         return False
     return False
+
+
+def _route_state(row) -> RouteStateRecord:
+    return RouteStateRecord(**{**dict(row), "since": _utc(row["since"])})
 
 
 def _template(row) -> TemplateRecord:

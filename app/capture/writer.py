@@ -94,6 +94,10 @@ class GroupCommitWriter:
         if ticket.error is not None:
             raise ticket.error
 
+    def submit(self, row: Row) -> None:
+        """Queue `row` for the next commit without waiting for it (nobody may be left to wait: an aborted call)."""
+        self._submit(row, event=threading.Event())
+
     async def awrite(self, row: Row | None) -> None:
         """`write` without blocking the event loop."""
         ticket = self._submit(row, future=asyncio.get_running_loop().create_future())

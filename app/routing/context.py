@@ -20,6 +20,7 @@ class CallContext:
     source: Source = "graph"
     sticky_key: str | None = None  # what keeps a conversation on one model during a rollout
     capture: bool = True
+    caller: str | None = None  # the hash of the proxy key that authenticated the call
 
     @property
     def agent_name(self) -> str:
