@@ -11,6 +11,7 @@ from app.capture.records import CallRecord
 from app.capture.store import CaptureStore
 from app.errors import BackendError, UsageError
 from app.wire import ChatRequest
+from tests.support.requires import require
 from tests.support.scripted import tool
 from training.evaluate import EvalOptions, build_request, run_eval
 from training.suites import HELD_OUT_PERCENT, is_held_out, load_suite
@@ -99,7 +100,7 @@ def test_json_and_text_items(scripted):
 
 
 def test_bfcl_items_are_scored_by_bfcls_rule(scripted):
-    pytest.importorskip("bfcl_eval")
+    require("bfcl_eval")
     # simple_python_0: calculate_triangle_area(base=10, height=5, unit optional); BFCL ignores case and spaces.
     # simple_python_1: math.factorial(number=5), its dotted name kept.
     scripted("m").enqueue(tool("calculate_triangle_area", base=10, height=5, unit="Units"),
@@ -119,7 +120,7 @@ def test_bfcl_items_are_scored_by_bfcls_rule(scripted):
 
 
 def test_bfcl_held_out_items_are_flagged_and_dots_kept(scripted):
-    pytest.importorskip("bfcl_eval")
+    require("bfcl_eval")
     scripted("m").default = "no"
     summary = evaluate("bfcl:simple_python", "scripted:m", offset=298, limit=3)
     assert [r["id"] for r in rows()] == ["simple_python_298", "simple_python_299", "simple_python_300"]
@@ -208,7 +209,7 @@ def test_a_rerun_replaces_the_items_file(scripted):
 ])
 def test_unknown_suites_list_the_choices(scripted, suite, message):
     if suite.startswith("bfcl"):
-        pytest.importorskip("bfcl_eval")
+        require("bfcl_eval")
     with pytest.raises(UsageError, match=message) as exc:
         evaluate(suite, "scripted:m")
     assert exc.value.exit_code == 2 and not scripted("m").requests and not Path("out").exists()

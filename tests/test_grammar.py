@@ -13,6 +13,7 @@ from app.backends.grammar import (STRING_LIMIT, TokenMask, ToolPlan, answer_sche
                                   request_lark, tame, tool_calls_lark)
 from app.errors import UsageError
 from app.wire import ChatRequest
+from tests.support.requires import require
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"},
@@ -120,7 +121,7 @@ def test_request_lark_only_when_something_constrains_the_output():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require("llama_cpp")
     from llguidance.llamacpp import lltokenizer_from_vocab
 
     from app.local_models import resolve_model

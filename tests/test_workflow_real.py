@@ -2,11 +2,10 @@
 
 import json
 
-import pytest
-
+from tests.support.requires import require
 from tests.test_cli import slmswap
 
-pytest.importorskip("llama_cpp")
+require("llama_cpp")
 
 
 def test_demo_query_runs_on_smollm2_and_captures_every_call(capsys, monkeypatch):
