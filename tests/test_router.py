@@ -28,8 +28,13 @@ def request(**kw) -> ChatRequest:
     return ChatRequest(**{**base, **kw})
 
 
+async def after(seconds, reply):
+    await asyncio.sleep(seconds)
+    return reply
+
+
 def test_complete_captures_one_row_with_route_binding_template_and_run(router, scripted):
-    scripted("r").enqueue("hello there")
+    scripted("r").enqueue(after(0.02, "hello there"))  # a sleep lasts at least as long as asked
     resp = asyncio.run(router.complete(request()))
     assert resp.message.content == "hello there" and resp.model == "scripted:r"
     info = resp.slmswap
@@ -37,7 +42,7 @@ def test_complete_captures_one_row_with_route_binding_template_and_run(router, s
     [row] = router.store.list_calls(run_id="run1")
     assert (row.id, row.agent, row.binding, row.template_id, row.valid) == (info.call_id, "retrieval", "scripted:r", "retrieval/base@1", True)
     assert row.request["messages"][0]["content"] == "hi" and row.response["content"] == "hello there"
-    assert row.completion_tokens == 2 and row.latency_ms >= 0
+    assert row.completion_tokens == 2 and row.latency_ms == info.latency_ms >= 20  # the backend's time is counted
 
 
 def test_invalid_tool_call_is_labelled_and_captured(router, scripted):
