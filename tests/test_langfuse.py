@@ -240,12 +240,6 @@ def test_a_proxy_call_is_a_one_generation_trace(scripted, receiver, keys, monkey
         attrs(failed)["langfuse.observation.status_message"]
 
 
-def test_run_callbacks_tie_the_trace_id_to_the_run_id(receiver, keys, monkeypatch):
-    monkeypatch.setenv("LANGFUSE_HOST", receiver.url)
-    [handler] = observability.run_callbacks(load_settings(), run_id="run-42")
-    assert handler._trace_context == {"trace_id": observability.trace_id("run-42")}
-
-
 def test_the_private_langfuse_api_we_use_is_in_the_pinned_version():
     """Private in langfuse 5.2 with no public way to do the same (so pyproject pins langfuse <5.3):
     SlmSwapHandler reads CallbackHandler._runs, observability._close empties LangfuseResourceManager._instances.
