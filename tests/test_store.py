@@ -1,5 +1,6 @@
-"""The capture store on real database files: round trips, queries, group commit, redaction on disk, and rows
-that survive SIGKILL and Ctrl-C of a real subprocess. Parametrised by `store_url` (PostgreSQL joins later)."""
+"""The capture store on real database files: round trips, queries, group commit, redaction on disk, rows that
+survive SIGKILL and Ctrl-C of a real subprocess, and a writer that Ctrl-C cannot stall. Parametrised by
+`store_url` (PostgreSQL joins later)."""
 
 from __future__ import annotations
 
