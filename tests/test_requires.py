@@ -23,9 +23,10 @@ def run_pytest(tmp_path, where: str, ci: str | None) -> subprocess.CompletedProc
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.parametrize("ci", [None, "false"])
 @pytest.mark.parametrize("where", ["module", "test"])
-def test_a_missing_dependency_skips_without_ci(tmp_path, where):
-    out = run_pytest(tmp_path, where, ci=None)
+def test_a_missing_dependency_skips_without_ci(tmp_path, where, ci):
+    out = run_pytest(tmp_path, where, ci=ci)
     assert out.returncode in (0, 5), out.stdout + out.stderr  # 5: the module's only test was skipped with it
     assert "1 skipped" in out.stdout and "failed" not in out.stdout and "error" not in out.stdout
     assert f"needs {MISSING}: pip install no-such-module-for-slmswap" in out.stdout
