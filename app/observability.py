@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "https://cloud.langfuse.com"
 TOOL_TAG = "tool"  # agents/loop.py tags each tool execution with it
-# The OTLP exporter's own loggers: their retry/failure records become one warning (see _ExportFailures).
+# The OTLP exporter's own loggers: their retry/failure records become one warning (see _ExportFailures). Their
+# message formats (export_problem) are the exporter's, not an API: pyproject pins it to the tested minor, and
+# tests/test_langfuse.py checks the warning names the status or the connection error.
 EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "opentelemetry.exporter.otlp.common.http")
 PHRASES = {status.phrase: status.value for status in HTTPStatus}
 
@@ -196,8 +198,10 @@ def _close(state: _Client) -> None:
 
     state.langfuse.shutdown()
     state.provider.shutdown()
-    # The SDK keeps one resource manager per public key for the process (private in 5.0.x); forget this one so a
-    # later client with the same key is built afresh instead of reusing a shut-down one.
+    # The SDK keeps one resource manager per public key for the process; forget this one so a later client with
+    # the same key is built afresh instead of reusing a shut-down one. Private in langfuse 5.2 with no public
+    # equivalent (reset() would shut every client down): pyproject pins langfuse <5.3, tests/test_langfuse.py
+    # guards it.
     with LangfuseResourceManager._lock:
         LangfuseResourceManager._instances.pop(state.keys.public_key, None)
 
@@ -289,7 +293,9 @@ def _handler_class() -> type:
                                                tags=tags, metadata=metadata, **kw)
 
         def on_llm_end(self, response, *, run_id, parent_run_id=None, **kw):
-            generation = self._runs.get(run_id)  # private in langfuse 5.0.x; tests/test_langfuse.py guards it
+            # The SDK offers no public way to update its generation after the call: _runs is private in langfuse
+            # 5.2 (pinned <5.3), guarded by tests/test_langfuse.py.
+            generation = self._runs.get(run_id)
             update = generation_update(call_info(response))
             if generation is not None and update:
                 generation.update(**update)
@@ -297,7 +303,7 @@ def _handler_class() -> type:
 
         def _tool_output(self, run_id: Any, output: Any) -> Any:
             # A tool result (agents.tools.ToolResult) shows what the model was told; a failed tool is a warning.
-            span = self._runs.get(run_id)
+            span = self._runs.get(run_id)  # private, as in on_llm_end
             if span is not None and getattr(output, "ok", True) is False:
                 span.update(level="WARNING", status_message=str(getattr(output, "content", output))[:500])
             return getattr(output, "content", output)

@@ -7,10 +7,11 @@ from jsonschema import Draft202012Validator
 
 from app.errors import UsageError
 from app.validation import ParsedCall, validate_output
+from tests.support.requires import require
 from training.bfcl import BfclItem, categories, load_category, reference_calls, to_openai_tools
 from training.metrics import bfcl_match
 
-pytest.importorskip("bfcl_eval", reason="needs bfcl-eval: pip install --no-deps bfcl-eval")
+require("bfcl_eval")
 
 from tests.support.bfcl_judge import bfcl_ast_check  # noqa: E402
 

@@ -10,10 +10,10 @@ import json
 import time
 from pathlib import Path
 
-import pytest
+from tests.support.requires import require
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("bfcl_eval", reason="needs bfcl-eval: pip install --no-deps bfcl-eval")
+require("llama_cpp")
+require("bfcl_eval")
 
 from app.validation import parse_calls  # noqa: E402
 from tests.support.bfcl_judge import bfcl_ast_check  # noqa: E402

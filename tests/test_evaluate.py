@@ -1,7 +1,9 @@
 """The eval runner end to end on scripted models: scores and summaries to the exact number, every suite kind, the
 bad-input cases (before any model call), a model failing mid-run, and the four files it writes."""
 
+import asyncio
 import json
+import statistics
 import struct
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from app.capture.records import CallRecord
 from app.capture.store import CaptureStore
 from app.errors import BackendError, UsageError
 from app.wire import ChatRequest
+from tests.support.requires import require
 from tests.support.scripted import tool
 from training.evaluate import EvalOptions, build_request, run_eval
 from training.suites import HELD_OUT_PERCENT, is_held_out, load_suite
@@ -67,8 +70,16 @@ CALL_REPLIES = {"exact": tool("f", x=1.0, y=" a "), "inexact": tool("f", x=1, y=
 
 # ---- scores and summary ---------------------------------------------------------------------------------
 
+async def after(seconds, reply):
+    await asyncio.sleep(seconds)
+    return reply
+
+
 def test_forced_outputs_give_exact_numbers(scripted):
-    scripted("m").default = by_user_text(CALL_REPLIES)
+    # Two of the four items wait 20 ms (a sleep lasts at least that), so the median latency lies between the groups.
+    slow = {"exact", "inexact"}
+    scripted("m").default = lambda req: (after(0.02, CALL_REPLIES[text]) if (text := req.messages[-1].text()) in slow
+                                         else CALL_REPLIES[text])
     summary = evaluate(write_suite("s.jsonl", CALL_ITEMS), "scripted:m")
     by_id = {r["id"]: r for r in rows()}
     assert list(by_id) == ["line1", "line2", "line3", "line4"]
@@ -88,7 +99,9 @@ def test_forced_outputs_give_exact_numbers(scripted):
     assert m["error_types"] == {"wrong_call_count": 1, "type_mismatch": 1}
     assert m["valid_ci"] == pytest.approx([0.150, 0.850], abs=1e-3)
     assert m["tokens"] == sum(r["tokens"] for r in by_id.values()) and m["failed"] is None
-    assert m["p50_latency_ms"] >= 0 and m["cost_usd"] == pytest.approx(sum(r["cost"] for r in by_id.values()))
+    assert m["p50_latency_ms"] == pytest.approx(statistics.median(r["latency_ms"] for r in by_id.values()))
+    assert min(by_id["line1"]["latency_ms"], by_id["line2"]["latency_ms"]) >= 20 and m["p50_latency_ms"] >= 10
+    assert m["cost_usd"] == pytest.approx(sum(r["cost"] for r in by_id.values()))
     assert json.loads(Path("out/summary.json").read_text())["models"]["scripted:m"] == m
 
 
@@ -114,7 +127,7 @@ def test_json_and_text_items(scripted):
 
 
 def test_bfcl_items_are_scored_by_bfcls_rule(scripted):
-    pytest.importorskip("bfcl_eval")
+    require("bfcl_eval")
     # simple_python_0: calculate_triangle_area(base=10, height=5, unit optional); BFCL ignores case and spaces.
     # simple_python_1: math.factorial(number=5), its dotted name kept.
     scripted("m").enqueue(tool("calculate_triangle_area", base=10, height=5, unit="Units"),
@@ -134,7 +147,7 @@ def test_bfcl_items_are_scored_by_bfcls_rule(scripted):
 
 
 def test_bfcl_held_out_items_are_flagged_and_dots_kept(scripted):
-    pytest.importorskip("bfcl_eval")
+    require("bfcl_eval")
     scripted("m").default = "no"
     summary = evaluate("bfcl:simple_python", "scripted:m", offset=298, limit=3)
     assert [r["id"] for r in rows()] == ["simple_python_298", "simple_python_299", "simple_python_300"]
@@ -223,7 +236,7 @@ def test_a_rerun_replaces_the_items_file(scripted):
 ])
 def test_unknown_suites_list_the_choices(scripted, suite, message):
     if suite.startswith("bfcl"):
-        pytest.importorskip("bfcl_eval")
+        require("bfcl_eval")
     with pytest.raises(UsageError, match=message) as exc:
         evaluate(suite, "scripted:m")
     assert exc.value.exit_code == 2 and not scripted("m").requests and not Path("out").exists()
@@ -287,8 +300,6 @@ def test_a_model_failing_mid_run_keeps_its_items_and_the_next_model_runs(scripte
 
 
 def test_concurrent_items_all_run_and_stay_in_item_order(scripted):
-    import asyncio
-
     async def slow(req):
         await asyncio.sleep(0.05)
         return CALL_REPLIES[req.messages[-1].text()]

@@ -14,6 +14,7 @@ from app.backends.grammar import (STRING_LIMIT, TEXT_TAGS, TokenMask, ToolPlan, 
                                   compiled_matcher, plan_tools, request_lark, tame, tool_calls_lark)
 from app.errors import UsageError
 from app.wire import ChatRequest
+from tests.support.requires import require
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"},
@@ -132,7 +133,7 @@ def test_tags_are_literals_or_special_token_references():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require("llama_cpp")
     from llguidance.llamacpp import lltokenizer_from_vocab
 
     from app.local_models import resolve_model

@@ -8,8 +8,9 @@ from app.backends.hf import HFBackend
 from app.bindings import parse_binding
 from app.errors import MissingDependency
 from app.wire import ChatRequest
+from tests.support.requires import require
 
-pytest.importorskip("transformers")
+require("transformers")
 
 
 def test_hf_backend_generates_from_the_smollm2_gguf():

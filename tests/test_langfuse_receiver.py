@@ -1,5 +1,6 @@
-"""The loopback Langfuse receiver against the real langfuse 5.x SDK: what a LangChain/LangGraph run exports,
-how its REST calls are answered, and how 401/503 from the server behave."""
+"""The loopback Langfuse receiver against the real langfuse 5.2 SDK: what a LangChain/LangGraph run exports,
+how its REST calls are answered, what our handler adds to an async graph run, and how 401/503 from the server
+behave."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import base64
 import gzip
 import logging
 from typing import Any, TypedDict
+
+import uuid
 
 import pytest
 from langchain_core.language_models import BaseChatModel
@@ -19,6 +22,9 @@ from langfuse.langchain import CallbackHandler
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from app import observability
+from app.config import load_settings
+from app.observability import TOOL_TAG
 from tests.support.langfuse_receiver import (
     OTLP_PATH,
     LangfuseReceiver,
@@ -165,59 +171,78 @@ def test_sdk_sends_only_otlp_with_basic_auth_and_no_startup_calls(receiver):
     assert headers["authorization"] == "REDACTED" and headers["x-langfuse-public-key"] == "pk-lf-receiver"
 
 
-class PostCallHandler(CallbackHandler):
-    """The recommended way to put facts known only after a call (binding, validity, cost) onto its generation."""
+class RouterLikeChat(ScriptedChat):
+    """Says what a RouterChatModel says: its route and template before the call, the Router's CallInfo after."""
 
-    def on_llm_end(self, response: Any, *, run_id: Any, parent_run_id: Any = None, **kwargs: Any) -> Any:
-        facts = response.generations[-1][-1].message.response_metadata.get("slm_swap")
-        generation = self._runs.get(run_id)  # private in langfuse 5.0; this test guards it
-        if generation is not None and facts:
-            generation.update(metadata=facts, cost_details={"total": facts["cost_usd"]})
-        return super().on_llm_end(response, run_id=run_id, parent_run_id=parent_run_id, **kwargs)
+    route: str = "retrieval"
+    template_id: str = "retrieval/base@1"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"route": self.route, "template_id": self.template_id}  # as RouterChatModel's
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        info = {"call_id": "c-1", "route": self.route, "binding": "gguf:smollm2-135m", "valid": False,
+                "error_type": "unknown_function", "error_detail": "no tool nope", "cost_usd": 0.25}
+        result = super()._generate(messages, stop, run_manager, **kwargs)
+        result.generations[0].message.response_metadata = {"slmswap": info}
+        return result
 
 
 class State(TypedDict):
-    question: str
+    query: str
     answer: str
+
+
+class FailedTool:
+    ok, content = False, "no such table: sales"  # the shape of agents.tools.ToolResult
 
 
 def build_graph() -> Any:
     from langgraph.graph import END, START, StateGraph
 
-    async def retrieval(state: State) -> dict[str, str]:
-        answer = await ScriptedChat().ainvoke(state["question"], config={"metadata": {"agent": "retrieval"}})
-        await add.ainvoke({"a": 1, "b": 2})
+    async def lookup(state: State) -> dict[str, str]:
+        answer = await RouterLikeChat().ainvoke(state["query"])
+        await RunnableLambda(lambda _: FailedTool()).ainvoke({"query": "SELECT 1"},
+                                                             config={"tags": [TOOL_TAG], "run_name": "run_sql"})
         return {"answer": str(answer.content)}
 
     graph = StateGraph(State)
-    graph.add_node("retrieval", retrieval)
-    graph.add_edge(START, "retrieval")
-    graph.add_edge("retrieval", END)
+    graph.add_node("lookup", lookup)
+    graph.add_edge(START, "lookup")
+    graph.add_edge("lookup", END)
     return graph.compile()
 
 
-def test_async_langgraph_run_with_post_call_metadata(receiver):
-    config = {"run_name": "workflow", "metadata": {"run_id": "run-2", "langfuse_session_id": "sess-2"}}
-    with langfuse_client(receiver) as client:
-        config["callbacks"] = [PostCallHandler()]
-        asyncio.run(build_graph().ainvoke({"question": "q"}, config=config))
-        client.flush()
+def test_async_langgraph_run_carries_what_our_handler_adds(receiver, monkeypatch):
+    for name, value in receiver.env(public_key=f"pk-lf-{uuid.uuid4().hex}").items():
+        monkeypatch.setenv(name, value)
+    try:
+        callbacks = observability.run_callbacks(load_settings(), run_id="run-2")
+        asyncio.run(build_graph().ainvoke({"query": "q"}, config={"callbacks": callbacks, "run_name": "workflow"}))
+        observability.flush()
         spans = by_name(receiver.wait_for_spans(4))
+    finally:
+        observability.shutdown()
 
-    assert spans["retrieval"]["parent_span_id"] == spans["workflow"]["span_id"]
-    assert spans["ScriptedChat"]["parent_span_id"] == spans["add"]["parent_span_id"] == spans["retrieval"]["span_id"]
-    gen = spans["ScriptedChat"]
+    assert set(spans) == {"workflow", "lookup", "retrieval", "run_sql"}
+    assert {span["trace_id"] for span in spans.values()} == {observability.trace_id("run-2")}
+    root = spans["workflow"]["attributes"]
+    assert (root["langfuse.observation.input"], root["langfuse.observation.output"]) == ("q", "42")  # not the state
+    gen = spans["retrieval"]  # named after the route, not "RouterLikeChat"
+    assert gen["parent_span_id"] == spans["run_sql"]["parent_span_id"] == spans["lookup"]["span_id"]
     meta = observation_metadata(gen)
-    assert (meta["binding"], meta["valid"], meta["agent"], meta["langgraph_node"]) == (
-        "gguf:smollm2-135m",
-        False,
-        "retrieval",
-        "retrieval",
-    )
-    assert gen["attributes"]["langfuse.observation.cost_details"] == '{"total": 0.25}'
-    assert spans["workflow"]["attributes"]["session.id"] == "sess-2"
-    # Async callbacks run in an executor with a copied context, so trace attributes stay on the root span only.
-    assert "session.id" not in gen["attributes"]
+    facts = ("agent", "template_id", "binding", "valid", "error_type", "call_id")
+    assert tuple(meta[k] for k in facts) == ("retrieval", "retrieval/base@1", "gguf:smollm2-135m", False,
+                                             "unknown_function", "c-1")
+    assert "route" not in meta
+    attrs = gen["attributes"]
+    assert attrs["langfuse.observation.cost_details"] == '{"total": 0.25}'
+    assert attrs["langfuse.observation.level"] == "WARNING"
+    assert attrs["langfuse.observation.status_message"] == "invalid output (unknown_function): no tool nope"
+    tool_attrs = spans["run_sql"]["attributes"]
+    assert tool_attrs["langfuse.observation.type"] == "tool" and tool_attrs["langfuse.observation.level"] == "WARNING"
+    assert tool_attrs["langfuse.observation.output"] == "no such table: sales"
 
 
 def test_rest_calls_get_plausible_answers(receiver):

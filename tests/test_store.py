@@ -1,5 +1,6 @@
-"""The capture store on real database files: round trips, queries, group commit, redaction on disk, and rows
-that survive SIGKILL and Ctrl-C of a real subprocess. Parametrised by `store_url` (PostgreSQL joins later)."""
+"""The capture store on real database files: round trips, queries, group commit, redaction on disk, rows that
+survive SIGKILL and Ctrl-C of a real subprocess, and a writer that Ctrl-C cannot stall. Parametrised by
+`store_url` (PostgreSQL joins later)."""
 
 from __future__ import annotations
 
@@ -50,25 +51,24 @@ def call(**kw) -> CallRecord:
 
 
 @contextmanager
-def db_locked(url: str, seconds: float):
-    """Hold SQLite's write lock from another connection for `seconds`, in a thread, so writers queue up."""
-    held = threading.Event()
-
-    def hold():
-        conn = sqlite3.connect(sqlite_path(url), isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")
-        held.set()
-        time.sleep(seconds)
-        conn.execute("ROLLBACK")
-        conn.close()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait()
+def db_locked(url: str):
+    """Hold SQLite's write lock from another connection for the block, so the writer's commits wait behind it
+    (for up to the store's 10 s busy timeout)."""
+    conn = sqlite3.connect(sqlite_path(url), isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
     try:
         yield
     finally:
-        t.join()
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def wait_until_pending(store: CaptureStore, n: int) -> None:
+    """Block until `n` writes are queued or committing (not yet acknowledged); no ordering is left to sleeps."""
+    deadline = time.monotonic() + 30  # only ever reached when something is broken
+    while store._writer.pending < n:
+        assert time.monotonic() < deadline, f"{store._writer.pending} of {n} writes were queued"
+        time.sleep(0.001)
 
 
 # ---- round trips and queries ---------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_run_lifecycle(store):
     store.finish_run(run_id, "ok", answer="4")
     run = store.get_run(run_id)
     assert (run.status, run.answer) == ("ok", "4")
-    assert run.finished_at >= run.started_at and run.finished_at.tzinfo is not None
+    assert run.finished_at is not None and run.finished_at.tzinfo is not None  # set by finish_run, not by the clock order
     assert [r.id for r in store.list_runs()] == [run_id]
     assert store.get_run("nope") is None
     with pytest.raises(UsageError, match="start_run"):
@@ -235,16 +235,16 @@ def test_redact_text_in_place():
 # ---- group commit and async --------------------------------------------------------------------------------
 
 def test_concurrent_recorders_share_commits(store, store_url):
-    with db_locked(store_url, 0.5):
+    with db_locked(store_url):
         # The first commit waits on the lock; everything queued meanwhile must go in one more commit.
         threads = [threading.Thread(target=store.record, args=(call(id=f"c{i}"),)) for i in range(20)]
         for t in threads:
             t.start()
-        time.sleep(0.2)
+        wait_until_pending(store, 20)
     for t in threads:
         t.join()
     assert len(store.list_calls(limit=100)) == 20
-    assert store._writer.commits <= 3
+    assert store._writer.commits <= 2 and store._writer.pending == 0
 
 
 def test_duplicate_id_fails_only_its_caller(store, store_url):
@@ -257,35 +257,32 @@ def test_duplicate_id_fails_only_its_caller(store, store_url):
         except StoreError as exc:
             errors[cid] = exc
 
-    with db_locked(store_url, 0.3):
+    with db_locked(store_url):
+        # "first" holds the writer at the lock, so the other three are queued together and share one batch.
+        first = threading.Thread(target=rec, args=("first",))
+        first.start()
+        wait_until_pending(store, 1)
         threads = [threading.Thread(target=rec, args=(cid,)) for cid in ("x1", "dup", "x2")]
         for t in threads:
             t.start()
-        time.sleep(0.1)
-    for t in threads:
+        wait_until_pending(store, 4)
+    for t in [first, *threads]:
         t.join()
     assert list(errors) == ["dup"] and "already recorded" in str(errors["dup"])
-    assert {c.id for c in store.list_calls()} == {"dup", "x1", "x2"}
+    assert {c.id for c in store.list_calls()} == {"dup", "first", "x1", "x2"}
 
 
 def test_arecord_does_not_block_the_event_loop(store, store_url):
     async def main():
-        ticks = 0
+        with db_locked(store_url):
+            # With the database locked no write can commit; a blocking arecord would stall this loop right here
+            # (and fail on the busy timeout), instead of handing control back while its write waits.
+            writes = [asyncio.create_task(store.arecord(call(id=f"a{i}"))) for i in range(50)]
+            await asyncio.sleep(0)
+            assert store._writer.pending == 50 and not any(w.done() for w in writes)
+        await asyncio.gather(*writes)
 
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        tick_task = asyncio.create_task(ticker())
-        with db_locked(store_url, 0.4):
-            await asyncio.gather(*(store.arecord(call(id=f"a{i}")) for i in range(50)))
-        tick_task.cancel()
-        return ticks
-
-    ticks = asyncio.run(main())
-    assert ticks >= 10
+    asyncio.run(main())
     assert len(store.list_calls(limit=100)) == 50
 
 
@@ -296,12 +293,16 @@ def test_arecord_raises_store_errors(store):
 
 
 def test_flush_waits_for_other_threads(store, store_url):
-    with db_locked(store_url, 0.3):
+    flushed = threading.Event()
+    with db_locked(store_url):
         t = threading.Thread(target=store.record, args=(call(id="late"),))
         t.start()
-        time.sleep(0.05)
-        assert store.list_calls() == []
-    store.flush()
+        wait_until_pending(store, 1)
+        f = threading.Thread(target=lambda: (store.flush(), flushed.set()))
+        f.start()
+        wait_until_pending(store, 2)
+        assert store.list_calls() == [] and not flushed.is_set()  # "late" cannot commit, so flush cannot return
+    f.join()
     assert [c.id for c in store.list_calls()] == ["late"]
     t.join()
 
@@ -442,6 +443,93 @@ def test_interrupted_burst_keeps_every_returned_record(store_url, sig):
     ids += [line for line in out.decode().split("\n") if len(line) == 32]
     assert proc.returncode != 0
     assert_intact(store_url, ids)
+
+
+INTERRUPTER = """
+import dis, os, sys, threading
+from app.capture.records import CallRecord
+from app.capture.store import CaptureStore
+
+# CPython runs signal handlers (so Ctrl-C raises KeyboardInterrupt) when a function starts and just after a call
+# or a backward jump. Interrupt raises it at the k-th such point of one record() in this thread.
+AFTER = {dis.opmap["CALL"], dis.opmap["JUMP_BACKWARD"]}
+
+
+class Interrupt:
+    def __init__(self, k, gate):
+        self.k, self.gate, self.seen, self.where, self.last = k, gate, 0, None, {}
+
+    def point(self, frame):
+        self.seen += 1
+        if self.seen == self.k:
+            self.where = frame.f_code.co_name
+            self.gate.set()  # the writer goes on only after the interrupt: the order that can hurt
+            raise KeyboardInterrupt
+
+    def trace(self, frame, event, arg):
+        if self.where is None:
+            frame.f_trace_lines, frame.f_trace_opcodes = False, True
+            self.last[id(frame)] = None
+            self.point(frame)
+        return self.local
+
+    def local(self, frame, event, arg):
+        if event == "opcode" and self.where is None:
+            op, prev = frame.f_code.co_code[frame.f_lasti], self.last.get(id(frame))
+            self.last[id(frame)] = op
+            if prev in AFTER:
+                self.point(frame)
+        return self.local
+
+    def profile(self, frame, event, arg):
+        # About to block on a held lock (the caller's wait): let the writer commit, or nobody would wake it.
+        held = getattr(getattr(arg, "__self__", None), "locked", None)
+        if event == "c_call" and getattr(arg, "__name__", "") == "acquire" and callable(held) and held():
+            self.gate.set()
+
+
+store = CaptureStore.open(sys.argv[1])
+gate = threading.Event()
+run = store._writer._insert.run
+store._writer._insert.run = lambda conn, params: (gate.wait(), run(conn, params))
+k, places = 0, set()
+while True:
+    k += 1
+    gate.clear()
+    interrupt = Interrupt(k, gate)
+    sys.setprofile(interrupt.profile)
+    sys.settrace(interrupt.trace)
+    try:
+        store.record(CallRecord(route="r", binding="b", request={"messages": []}, response={"content": "y"}))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+        sys.setprofile(None)
+    gate.set()
+    if interrupt.where is None:
+        break  # record() ran to its end: every point has been tried
+    places.add(interrupt.where)
+    flush = threading.Thread(target=store.flush, daemon=True)
+    flush.start()
+    flush.join(60)  # only a stalled writer takes this long
+    if flush.is_alive():
+        print(f"the writer stalled after Ctrl-C at point {k}, in {interrupt.where}", flush=True)
+        os._exit(3)
+print(k - 1, " ".join(sorted(places)), flush=True)
+store.close()
+"""
+
+
+def test_ctrl_c_at_any_point_of_record_never_stalls_the_writer(store_url):
+    # Each run of the sweep raises KeyboardInterrupt at the next point of record() where a real Ctrl-C could land,
+    # holding the writer back until it has, then checks that the writer still commits (and close() can finish).
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", INTERRUPTER, store_url], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    points, *places = out.stdout.split()
+    assert int(points) > 100 and {"record", "write", "_submit"} <= set(places)  # it reached into the wait
 
 
 def test_unserializable_call_fails_alone(store):

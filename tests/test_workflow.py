@@ -80,17 +80,20 @@ def test_plan_steps_tools_and_answer(services, scripted):
 
 def test_parallel_tasks_of_a_step_run_concurrently(services, scripted):
     scripted("orchestrator").enqueue(plan(["formatting", "validation"]))
-    started = []
+    started, both = [], asyncio.Event()
 
     def slow(name, call):
         async def wait_for_sibling():
-            # Each task's model waits until the other task has started: run one after the other, both time out.
+            # Each task's model waits until the other task has started: run one after the other, the first never
+            # sees the second (the bound only turns that into a failure instead of a hang).
             started.append(name)
-            for _ in range(500):
-                if len(started) == 2:
-                    return call
-                await asyncio.sleep(0.01)
-            raise TimeoutError(f"{name} ran alone")
+            if len(started) == 2:
+                both.set()
+            try:
+                await asyncio.wait_for(both.wait(), 60)
+            except TimeoutError:
+                raise TimeoutError(f"{name} ran alone") from None
+            return call
 
         return lambda req: f"{name} done" if any(m.role == "tool" for m in req.messages) else wait_for_sibling()
 

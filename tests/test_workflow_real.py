@@ -2,11 +2,12 @@
 
 import json
 
-import pytest
-
+from agents.orchestrator import collapse_repeats
+from app.capture.store import CaptureStore
+from tests.support.requires import require
 from tests.test_cli import slmswap
 
-pytest.importorskip("llama_cpp")
+require("llama_cpp")
 
 
 def test_demo_query_runs_on_smollm2_and_captures_every_call(capsys, monkeypatch):
@@ -16,10 +17,13 @@ def test_demo_query_runs_on_smollm2_and_captures_every_call(capsys, monkeypatch)
     code, out, err = slmswap(capsys, "run", "Analyze Q4 sales by region and write a short report", "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert data["answer"].strip()
-    assert data["plan"]["steps"] and set(data["plan"]["sub_agents"]) <= {"retrieval", "processing", "validation", "formatting"}
     calls = data["calls"]
+    assert data["plan"]["steps"] and set(data["plan"]["sub_agents"]) <= {"retrieval", "processing", "validation", "formatting"}
     assert calls[0]["agent"] == "orchestrator" and calls[-1]["agent"] == "aggregate"
+    with CaptureStore.open("sqlite:///.slmswap/slmswap.db") as store:
+        summary = store.get_call(calls[-1]["id"]).response["content"] or ""
+    # The answer opens with the aggregate model's own words (repeats collapsed), not only the text added after it.
+    assert data["answer"].startswith(collapse_repeats(summary.strip()) or "No summary was produced.")
     assert all(c["binding"] == "gguf:smollm2-135m" and c["template_id"] == f"{c['agent']}/base@1" for c in calls)
     assert all(c["tokens"] > 0 for c in calls)
     # Under a grammar the plan and every tool call parse; only text may be cut short.

@@ -5,6 +5,7 @@ returns; callers who arrive while a commit is under way share the next one, whic
 concurrent recorders cheap. The INSERT is compiled once and run on the writer's own DBAPI connection, because
 SQLAlchemy's per-execute bookkeeping costs more than SQLite's insert itself. A KeyboardInterrupt reaches only
 the caller's thread, never the writer's, and a batch is one transaction, so no batch is ever half written.
+Waking a caller never blocks the writer, wherever Ctrl-C left that caller (see `_Ticket`).
 """
 
 from __future__ import annotations
@@ -63,13 +64,26 @@ class CompiledInsert:
 
 
 class _Ticket:
-    """One queued row and its waiting caller: a thread's Event or a coroutine's Future."""
+    """One queued row and its waiting caller: a thread's held lock or a coroutine's Future.
 
-    __slots__ = ("row", "params", "error", "event", "future")
+    A thread waits by acquiring `done`, a lock taken when the ticket is made, and the writer wakes it with a
+    release, which never blocks. A threading.Event would not do: its Python-level `with self._cond` can take
+    the condition's lock and then raise KeyboardInterrupt before the block is entered, leaving the lock held
+    forever, so the writer's `event.set()` hung, and with it every later commit and `close()` at exit.
+    """
 
-    def __init__(self, row: Row | None, params, event: threading.Event | None, future: asyncio.Future | None):
-        self.row, self.params, self.event, self.future = row, params, event, future
+    __slots__ = ("row", "params", "error", "done", "future")
+
+    def __init__(self, row: Row | None, params, future: asyncio.Future | None = None):
+        self.row, self.params, self.future = row, params, future
+        self.done = None if future is not None else _held_lock()
         self.error: BaseException | None = None
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 class GroupCommitWriter:
@@ -84,13 +98,14 @@ class GroupCommitWriter:
         self._closed = False
         self._pid = os.getpid()
         self.commits = 0  # transactions committed, for tests and the bench
+        self.pending = 0  # tickets queued or being committed whose callers are not yet woken, for tests
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
 
     def write(self, row: Row | None) -> None:
         """Queue `row` and block until it is committed (None: until everything queued before is)."""
-        ticket = self._submit(row, event=threading.Event())
-        ticket.event.wait()
+        ticket = self._submit(row)
+        ticket.done.acquire()
         if ticket.error is not None:
             raise ticket.error
 
@@ -116,13 +131,13 @@ class GroupCommitWriter:
         if self._thread is not threading.current_thread():
             self._thread.join()
 
-    def _submit(self, row: Row | None, event=None, future=None) -> _Ticket:
+    def _submit(self, row: Row | None, future: asyncio.Future | None = None) -> _Ticket:
         # Serialize here, on the caller's thread: bad data fails its own caller, never the batch it would join.
         try:
             params = None if row is None else self._insert.params(row)
         except Exception as exc:
             raise StoreError(self._describe(row, exc)) from exc
-        ticket = _Ticket(row, params, event, future)
+        ticket = _Ticket(row, params, future)
         if os.getpid() != self._pid:  # forked: the writer thread did not come along, nobody would commit this
             raise StoreError("this capture store was opened before a fork; open another with CaptureStore.open(url) "
                              "in this process")
@@ -130,6 +145,7 @@ class GroupCommitWriter:
             if self._closed:
                 raise StoreError("the capture store is closed; open it again with CaptureStore.open(url)")
             self._queue.put(ticket)
+            self.pending += 1
         return ticket
 
     def _run(self) -> None:
@@ -157,7 +173,7 @@ class GroupCommitWriter:
                 ticket.error = ticket.error or StoreError(f"the capture writer failed: {exc!r}")
             raise
         finally:
-            _notify(tickets)
+            self._notify(tickets)
         return len(tickets) == len(batch)
 
     def _drain(self) -> list:
@@ -201,15 +217,20 @@ class GroupCommitWriter:
             if ticket is not _STOP:
                 ticket.error = StoreError(f"the capture writer stopped: {exc!r}")
                 tickets.append(ticket)
-        _notify(tickets)
+        self._notify(tickets)
+
+    def _notify(self, tickets: list[_Ticket]) -> None:
+        with self._lock:
+            self.pending -= len(tickets)
+        _wake(tickets)
 
 
-def _notify(tickets: list[_Ticket]) -> None:
+def _wake(tickets: list[_Ticket]) -> None:
     """Wake the waiting threads, and each event loop once for all of its coroutines in this batch."""
     futures_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
     for ticket in tickets:
         if ticket.future is None:
-            ticket.event.set()
+            ticket.done.release()
         else:
             futures_by_loop.setdefault(ticket.future.get_loop(), []).append(ticket.future)
     for loop, futures in futures_by_loop.items():

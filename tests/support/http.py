@@ -22,8 +22,10 @@ def serve(app, port: int | None = None):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 10
-    while not server.started and time.time() < deadline:
+    deadline = time.monotonic() + 60  # generous: a busy machine can take seconds to start uvicorn
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port} (see the log above)")
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"

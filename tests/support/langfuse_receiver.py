@@ -1,7 +1,7 @@
 """A loopback stand-in for a Langfuse server: decodes the SDK's OTLP spans and answers its REST calls.
 
 Run the code under test inside `langfuse_client(receiver)` (a fresh SDK client pointed here), flush, then assert
-on `receiver.spans` (plain dicts) and `receiver.requests`. Shapes follow langfuse 5.0.x.
+on `receiver.spans` (plain dicts) and `receiver.requests`. Shapes follow langfuse 5.2.x (the version pinned).
 
     with LangfuseReceiver() as receiver, langfuse_client(receiver) as client:
         graph.invoke(inputs, config={"callbacks": [CallbackHandler()]})
