@@ -35,6 +35,9 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="slmswap.toml to read (def
 def main() -> None:
     """Console-script entry point: SlmSwapError becomes a one-line message and its exit code, no traceback."""
     from app.config import unknown_env_vars
+    from app.secrets import install_log_redaction
+
+    install_log_redaction()  # before anything logs: no record of this process carries a secret
 
     try:
         check_argv(sys.argv[1:])

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from app.bindings import Binding, parse_binding
 from app.errors import ConfigError, UsageError
+from app.secrets import register_settings
 
 DEFAULT_BINDING = "gguf:smollm2-135m"
 DEFAULT_FILE = "slmswap.toml"
@@ -173,6 +174,7 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
             if binding:
                 _check_binding(settings, binding, file, f"routes.{name}")
     settings.source = str(file) if file else None
+    register_settings(settings)  # every key the config points at is redacted wherever it would appear
     return settings
 
 

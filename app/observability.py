@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from app.capture.redact import langfuse_mask
 from app.config import Settings
+from app.secrets import redact_text, register_secret, strip_url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def generation_update(info: Mapping[str, Any]) -> dict[str, Any]:
     if not info.get("valid", True):
         update["level"] = "WARNING"
         detail = info.get("error_detail") or ""
-        update["status_message"] = f"invalid output ({info.get('error_type')}): {detail}".strip()
+        update["status_message"] = redact_text(f"invalid output ({info.get('error_type')}): {detail}".strip())
     return update
 
 
@@ -187,9 +189,11 @@ def _build(keys: LangfuseKeys) -> _Client:
     # A private provider: the SDK would otherwise install a process-global one that outlives this client and
     # would send every other OpenTelemetry span of the process to Langfuse too.
     provider = TracerProvider()
+    register_secret(keys.secret_key)
+    # mask: every span's input, output and metadata is redacted before it leaves the process.
     langfuse = Langfuse(public_key=keys.public_key, secret_key=keys.secret_key, base_url=keys.url,
-                        tracer_provider=provider)
-    log.info("Langfuse tracing on: exporting to %s", keys.url)
+                        tracer_provider=provider, mask=langfuse_mask)
+    log.info("Langfuse tracing on: exporting to %s", strip_url_credentials(keys.url))
     return _Client(keys, langfuse, provider)
 
 
@@ -305,7 +309,7 @@ def _handler_class() -> type:
             # A tool result (agents.tools.ToolResult) shows what the model was told; a failed tool is a warning.
             span = self._runs.get(run_id)  # private, as in on_llm_end
             if span is not None and getattr(output, "ok", True) is False:
-                span.update(level="WARNING", status_message=str(getattr(output, "content", output))[:500])
+                span.update(level="WARNING", status_message=redact_text(str(getattr(output, "content", output))[:500]))
             return getattr(output, "content", output)
 
     return SlmSwapHandler
@@ -350,7 +354,7 @@ def observe_call(settings: Settings, request: Any, name: str = "proxy") -> Itera
     try:
         yield CallObservation(generation)
     except BaseException as exc:
-        generation.update(level="ERROR", status_message=f"{type(exc).__name__}: {exc}")
+        generation.update(level="ERROR", status_message=redact_text(f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         generation.end()

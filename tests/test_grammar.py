@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from app.backends import grammar
-from app.backends.grammar import (STRING_LIMIT, TEXT_TAGS, TokenMask, ToolPlan, ToolTags, answer_schema, call_schema,
-                                  compiled_matcher, plan_tools, request_lark, tame, tool_calls_lark)
+from app.backends.grammar import (STRING_LIMIT, TEXT_TAGS, TokenMask, ToolTags, answer_schema, call_schema,
+                                  compiled_matcher, request_lark, tame, tool_calls_lark)
+from app.toolplan import ToolPlan, request_plan
 from app.errors import UsageError
 from app.wire import ChatRequest
 from tests.support.requires import require
@@ -32,21 +33,21 @@ def request(**kw) -> ChatRequest:
 # ---- plain data ----------------------------------------------------------------------------------------
 
 def test_plan_tools_follows_openai_tool_choice():
-    assert plan_tools(request()).mode == "none"
-    assert plan_tools(request(tools=TOOLS, tool_choice="none")).mode == "none"
-    auto = plan_tools(request(tools=TOOLS))
+    assert request_plan(request()).mode == "none"
+    assert request_plan(request(tools=TOOLS, tool_choice="none")).mode == "none"
+    auto = request_plan(request(tools=TOOLS))
     assert (auto.mode, auto.functions, auto.parallel) == ("auto", [WEATHER, TIME], True)
-    assert plan_tools(request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)) == ToolPlan(
+    assert request_plan(request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)) == ToolPlan(
         "required", [WEATHER, TIME], parallel=False, offered=("get_weather", "get_time"))
-    named = plan_tools(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    named = request_plan(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}))
     assert (named.mode, named.functions, named.parallel) == ("named", [TIME], False)
 
 
 def test_plan_tools_errors_name_the_fix():
     with pytest.raises(UsageError, match="not in tools \\(get_weather, get_time\\)"):
-        plan_tools(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}))
+        request_plan(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}))
     with pytest.raises(UsageError, match="use 'none', 'auto', 'required'"):
-        plan_tools(request(tools=TOOLS, tool_choice="sometimes"))
+        request_plan(request(tools=TOOLS, tool_choice="sometimes"))
 
 
 def test_answer_schema_per_response_format():

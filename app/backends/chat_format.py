@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app import hermes
-from app.hermes import TOOL_CLOSE, TOOL_OPEN  # noqa: F401  (the backends' stream splitter looks for TOOL_OPEN)
 from app.wire import FunctionCall, Message, ToolCall
 
 Family = Literal["chatml", "gemma"]

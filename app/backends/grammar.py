@@ -35,10 +35,6 @@ STRING_LIMIT = 512
 STRING_BOUNDED = {"maxLength", "enum", "const", "pattern", "format"}
 LITERAL_KEYS = ("const", "enum", "default", "examples")  # their values are data, not schemas
 
-# The tool plan is read in one place (app/toolplan.py); `plan_tools(req)` is its reading of a ChatRequest.
-plan_tools = request_plan
-
-
 def answer_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
     """The JSON schema a `response_format` asks for; None for plain text."""
     kind = (response_format or {}).get("type", "text")
@@ -146,7 +142,7 @@ def request_lark(req: ChatRequest, tags: ToolTags = TEXT_TAGS) -> str | None:
     """
     if req.decoding == "free":
         return None
-    plan = plan_tools(req)
+    plan = request_plan(req)
     answer = answer_schema(req.response_format)
     if plan.mode != "none":
         return tool_calls_lark(plan, answer, tags)

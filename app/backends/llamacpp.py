@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from app.backends import chat_format
-from app.backends.chat_format import Family, TOOL_CLOSE, TOOL_OPEN
-from app.backends.grammar import TEXT_TAGS, TokenMask, ToolPlan, ToolTags, compiled_matcher, plan_tools, request_lark
+from app.backends.chat_format import Family
+from app.backends.grammar import TEXT_TAGS, TokenMask, ToolTags, compiled_matcher, request_lark
 from app.bindings import Binding, GGUFOptions
 from app.errors import BackendError, MissingDependency, SlmSwapError, UsageError
+from app.hermes import TOOL_CLOSE, TOOL_OPEN
 from app.local_models import resolve_model
+from app.toolplan import ToolPlan, request_plan
 from app.wire import (AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, DeltaMessage,
                       Usage)
 
@@ -351,7 +353,7 @@ class LlamaCppBackend:
 
     def run(self, req: ChatRequest, on_text: OnText | None = None) -> tuple[Generation, ToolPlan]:
         """Generate synchronously (in the caller's thread): the text and the tool plan it was decoded under."""
-        plan = plan_tools(req)
+        plan = request_plan(req)
         model = self.model()
         lark = request_lark(req, model.tags)
         prompt = chat_format.render_prompt(req.messages, plan.functions, model.family)
@@ -425,7 +427,7 @@ class _Streamer:
 
     def __init__(self, backend: LlamaCppBackend, req: ChatRequest):
         self.backend, self.req = backend, req
-        self.plan = plan_tools(req)
+        self.plan = request_plan(req)
         self.markers = [*Sampling.from_request(req).stop, *([TOOL_OPEN] if self.plan.mode != "none" else [])]
         self.cancelled = threading.Event()
         self.sent = 0  # characters of text already streamed

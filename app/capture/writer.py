@@ -111,7 +111,7 @@ class GroupCommitWriter:
 
     def submit(self, row: Row) -> None:
         """Queue `row` for the next commit without waiting for it (nobody may be left to wait: an aborted call)."""
-        self._submit(row, event=threading.Event())
+        self._submit(row)  # its lock is released by the writer and never acquired: nobody waits
 
     async def awrite(self, row: Row | None) -> None:
         """`write` without blocking the event loop."""
