@@ -45,7 +45,13 @@ class OpenAIOptions(RemoteOptions):
     api_key_env: str = "OPENAI_API_KEY"
 
 
-class GGUFOptions(BindingOptions):
+class LocalOptions(BindingOptions):
+    # USD per hour of the machine this model runs on; a call costs its compute time at this rate (app/cost.py).
+    # None: the config's [cost] usd_per_hour.
+    usd_per_hour: float | None = Field(None, ge=0)
+
+
+class GGUFOptions(LocalOptions):
     lora: str | None = None
     n_ctx: int = 4096
     n_threads: int | None = None
@@ -53,7 +59,7 @@ class GGUFOptions(BindingOptions):
     seed: int = 0
 
 
-class HFOptions(BindingOptions):
+class HFOptions(LocalOptions):
     device: str = "auto"
     dtype: str = "auto"
 

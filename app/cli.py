@@ -23,6 +23,10 @@ calls_app = typer.Typer(no_args_is_help=True, help="Inspect captured model calls
 app.add_typer(calls_app, name="calls")
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect workflow runs.")
 app.add_typer(runs_app, name="runs")
+rollout_app = typer.Typer(no_args_is_help=True, help="See and move each route's rollout stage.")
+app.add_typer(rollout_app, name="rollout")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for `slmswap serve`.")
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 err = Console(stderr=True)
@@ -114,6 +118,119 @@ def studio(
     from app.studio import run_studio
 
     raise typer.Exit(run_studio(port, config))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (anything but loopback needs API keys)."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Worker processes (each loads its own models)."),
+    allow_unauthenticated: bool = typer.Option(False, "--allow-unauthenticated",
+                                               help="Serve off loopback without API keys (anyone reaching it can call)."),
+    config: str | None = ConfigOpt,
+) -> None:
+    """Serve the OpenAI-compatible proxy until Ctrl-C: point any OpenAI client's base_url at it.
+
+    Example: slmswap serve --port 8000   then   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...")
+    """
+    from app.server import serve as run_server
+
+    run_server(host, port, workers, config, allow_unauthenticated)
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Print a new API key and the hash to put in [proxy] api_keys (the config keeps only the hash)."""
+    from app.server.auth import new_key
+
+    key, digest = new_key()
+    out.print(Text(f"key:  {key}\nhash: {digest}\n\n[proxy]\napi_keys = [\"{digest}\"]"), highlight=False)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    route: list[str] = typer.Option(None, "--route", "-r", help="Only these routes."),
+    config: str | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per route: stage, traffic split, the student's success with its interval, fallbacks, saving.
+
+    Example: slmswap rollout status --route retrieval
+    """
+    from app.config import load_settings
+    from app.routing.status import route_status
+
+    settings = load_settings(config)
+    rows = route_status(settings, _store(config), list(route) or None)
+    if as_json:
+        out.print_json(json.dumps([r.as_dict() for r in rows], default=str))
+        return
+    table = Table()
+    for column in ("route", "stage", "auto", "student", "split", "student success", "fallbacks", "saving"):
+        table.add_column(column)
+    for r in rows:
+        fallbacks = ", ".join(f"{k} {v}" for k, v in sorted((r.cost.fallbacks if r.cost else {}).items())) or "-"
+        saving = f"{r.cost.saving:.0%}" if r.cost and r.cost.saving is not None else "-"
+        table.add_row(*_cells(r.route, r.stage, "yes" if r.auto else "frozen", r.student or "-",
+                              f"{r.student_share:.0%} student", str(r.success) if r.student else "-", fallbacks,
+                              saving))
+    out.print(table)
+
+
+@rollout_app.command("set")
+def rollout_set(
+    route: str = typer.Argument(..., help="The route (an agent's name or a proxy model name)."),
+    stage: str = typer.Argument(..., help="teacher, shadow, canary, half or student."),
+    student: str | None = typer.Option(None, "--student", help="Set the route's student binding too."),
+    auto: bool | None = typer.Option(None, "--auto/--freeze", help="Let the gates move the stage, or freeze it."),
+    config: str | None = ConfigOpt,
+) -> None:
+    """Move a route to STAGE now (every serving process obeys within a second). Example: slmswap rollout set retrieval shadow"""
+    from app.config import load_settings
+    from app.routing.routes import RouteStates
+
+    settings = load_settings(config)
+    if route not in settings.route_names():
+        raise UsageError(f"no route is named {route!r}; the routes are: {', '.join(settings.route_names())}")
+    states = RouteStates(settings, _store(config))
+    if stage != "teacher" and student is None and states.get(route).student is None:
+        raise UsageError(f"route {route!r} has no student; give one with --student gguf:<model> (or set "
+                         f"[routes.{route}] student in the config)")
+    moved = states.set_stage(route, stage, "set by hand (slmswap rollout set)", {"by": "cli"}, student=student,
+                             auto=auto)
+    out.print(Text(f"{route}: stage {moved.stage}, student {moved.student.name if moved.student else '-'}, "
+                   f"{'auto' if moved.auto else 'frozen'}"), highlight=False)
+
+
+@app.command()
+def cost(
+    since: str | None = typer.Option(None, "--since", help="Only calls since this date/time (ISO, e.g. 2026-12-01)."),
+    route: str | None = typer.Option(None, "--route", "-r", help="Only this route."),
+    config: str | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Spend, what the teacher alone would have cost, the saving, and calls per role. Example: slmswap cost --since 2026-12-01"""
+    from datetime import UTC, datetime
+
+    from app.cost import summarize
+
+    try:
+        start = datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None
+    except ValueError:
+        raise UsageError(f"--since {since!r} is not a date; use ISO form, e.g. 2026-12-01 or 2026-12-01T08:00") from None
+    rows = summarize(_store(config).usage_summary(start, route))
+    if as_json:
+        out.print_json(json.dumps([{**r.__dict__, "saving": r.saving} for r in rows]))
+        return
+    table = Table(caption="counterfactual: the teacher's price on the answers' own token counts (an estimate)")
+    for column in ("route", "spend $", "teacher would cost $", "saving", "teacher", "student", "shadow", "fallbacks"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(*_cells(r.route, f"{r.spend:.4f}", f"{r.counterfactual:.4f}",
+                              f"{r.saving:.0%}" if r.saving is not None else "-", str(r.calls.get("teacher", 0)),
+                              str(r.calls.get("student", 0)), str(r.calls.get("shadow", 0)),
+                              ", ".join(f"{k} {v}" for k, v in sorted(r.fallbacks.items())) or "-"))
+    out.print(table)
 
 
 @app.command("eval")

@@ -85,6 +85,12 @@ class ProxyConfig(Section):
         return [normalise_hash(v) for v in value]
 
 
+class CostConfig(Section):
+    # What an hour of this machine costs, for local models (a binding's own usd_per_hour wins). The default is a
+    # small cloud VM; set your own, e.g. a GPU's hourly price.
+    usd_per_hour: float = Field(0.10, ge=0)
+
+
 class LangfuseConfig(Section):
     public_key: str | None = None
     secret_key: SecretStr | None = None  # never printed with the settings
@@ -116,6 +122,7 @@ class Settings(BaseSettings):
     langfuse: LangfuseConfig = LangfuseConfig()
     proxy: ProxyConfig = ProxyConfig()
     rollout: RolloutConfig = RolloutConfig()
+    cost: CostConfig = CostConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 

@@ -1,10 +1,14 @@
-"""Prices calls: USD for the tokens a binding used, and what the route's teacher would have charged for them.
+"""Prices calls: USD for what a binding used, and what the route's teacher would have charged for the same request.
 
-Prices are USD per million tokens (input, output). Local bindings cost nothing by default; any binding can set
-`price_in` / `price_out` options (inline or in `[bindings]`) to override the table, e.g. to charge GPU time.
+Hosted bindings are priced per token (USD per million, input and output; the table below, or `price_in` /
+`price_out` options). Local bindings are not free: their calls cost the machine's `usd_per_hour` (the binding's
+option, else `[cost] usd_per_hour`) times the call's compute time. The counterfactual (the teacher's price) uses the
+answer's own token counts: the teacher's tokenizer is not at hand, so this is an estimate, and reports say so.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from app.backends.base import pricing_of
 from app.bindings import Binding
@@ -38,15 +42,22 @@ def price(binding: Binding) -> tuple[float, float]:
     return PRICES.get(_model_key(binding.target), PRICES["gpt-4"])
 
 
-def cost_usd(binding: Binding, prompt_tokens: int, completion_tokens: int) -> float:
-    """What a call with these token counts costs on this binding.
+def cost_usd(binding: Binding, prompt_tokens: int, completion_tokens: int, seconds: float = 0.0,
+             usd_per_hour: float = 0.0) -> float:
+    """What a call with these token counts, taking `seconds` of compute, costs on this binding.
 
     >>> from app.bindings import parse_binding
     >>> round(cost_usd(parse_binding("azure:gpt-4o"), 1000, 500), 6)
     0.0075
+    >>> round(cost_usd(parse_binding("gguf:smollm2-135m"), 1000, 500, seconds=36.0, usd_per_hour=1.0), 6)
+    0.01
     """
     p_in, p_out = price(binding)
-    return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
+    tokens = (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
+    if pricing_of(binding.kind) != "local" or binding.options.price_in is not None or binding.options.price_out is not None:
+        return tokens
+    rate = getattr(binding.options, "usd_per_hour", None)
+    return (usd_per_hour if rate is None else rate) * seconds / 3600
 
 
 def _model_key(target: str) -> str:
@@ -54,3 +65,42 @@ def _model_key(target: str) -> str:
     name = target.lower()
     matches = [key for key in PRICES if name == key or name.startswith(key + "-")]
     return max(matches, key=len) if matches else target
+
+
+@dataclass(frozen=True)
+class RouteCost:
+    """A route's spend against what its teacher alone would have cost for the same answers."""
+
+    route: str
+    calls: dict[str, int]  # answers per role (teacher, student), plus shadow runs
+    spend: float  # everything that ran: answers, replaced student attempts, shadows
+    counterfactual: float  # the teacher's price for the answers (on the answers' own token counts)
+    fallbacks: dict[str, int]
+
+    @property
+    def saving(self) -> float | None:
+        """1 - spend / counterfactual; None before anything was priced."""
+        return 1 - self.spend / self.counterfactual if self.counterfactual > 0 else None
+
+
+def summarize(rows: list[dict]) -> list[RouteCost]:
+    """Per-route totals from `CaptureStore.usage_summary()` rows (pure).
+
+    >>> summarize([{"route": "r", "role": "student", "fallback_reason": None, "replaced": False, "calls": 3,
+    ...             "cost_usd": 0.003, "teacher_cost_usd": 0.03}])[0].saving
+    0.9
+    """
+    out: dict[str, dict] = {}
+    for row in rows:
+        r = out.setdefault(row["route"], {"calls": {}, "spend": 0.0, "counterfactual": 0.0, "fallbacks": {}})
+        r["spend"] += row["cost_usd"]
+        if row["role"] == "shadow":
+            r["calls"]["shadow"] = r["calls"].get("shadow", 0) + row["calls"]
+            continue
+        if row["replaced"]:
+            continue  # the teacher's fallback row answers this request and carries its counterfactual
+        r["calls"][row["role"]] = r["calls"].get(row["role"], 0) + row["calls"]
+        r["counterfactual"] += row["teacher_cost_usd"]
+        if row["fallback_reason"]:
+            r["fallbacks"][row["fallback_reason"]] = r["fallbacks"].get(row["fallback_reason"], 0) + row["calls"]
+    return [RouteCost(route=name, **values) for name, values in sorted(out.items())]

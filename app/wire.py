@@ -137,6 +137,7 @@ class CallInfo(OpenAIModel):
     error_detail: str | None = None
     latency_ms: float = 0.0
     cost_usd: float = 0.0
+    teacher_cost_usd: float = 0.0  # what the route's teacher would have cost for this request (an estimate)
 
 
 class ChatResponse(OpenAIModel):

@@ -254,6 +254,27 @@ class CaptureStore:
             trials, successes = conn.execute(query).one()
         return Outcomes(successes=int(successes), trials=int(trials))
 
+    def usage_summary(self, since: datetime | None = None, route: str | None = None) -> list[dict[str, Any]]:
+        """Rows per (route, role, fallback_reason, replaced): calls, spend and what the teacher would have cost.
+
+        `replaced` marks student attempts a teacher fallback replaced. Eval calls are left out. `app.cost.summarize`
+        turns the rows into per-route totals.
+        """
+        cond = calls.c.source != "eval"
+        if since is not None:
+            cond &= calls.c.created_at >= _utc(since)
+        if route is not None:
+            cond &= calls.c.route == route
+        replaced = calls.c.id.in_(select(calls.c.parent_id).where(calls.c.fallback_reason.is_not(None))
+                                  .scalar_subquery())
+        query = (select(calls.c.route, calls.c.role, calls.c.fallback_reason, replaced.label("replaced"),
+                        func.count().label("calls"),
+                        func.coalesce(func.sum(calls.c.cost_usd), 0.0).label("cost_usd"),
+                        func.coalesce(func.sum(calls.c.teacher_cost_usd), 0.0).label("teacher_cost_usd"))
+                 .where(cond).group_by(calls.c.route, calls.c.role, calls.c.fallback_reason, replaced)
+                 .order_by(calls.c.route, calls.c.role))
+        return [dict(row) for row in self._fetch(query)]
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -62,7 +62,7 @@ class Router:
         self.store = store  # a CaptureStore, or None to capture nothing
         self.backends = backends
         self.states = RouteStates(settings, store)
-        self.counts: Counter[str] = Counter()  # fallbacks by reason, shadows shed: what /metrics reports
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (kind, route, reason): fallbacks, shed shadows
         self._judged: Counter[str] = Counter()
         self._shadows: set[asyncio.Task] = set()
         self._judging: set[asyncio.Future] = set()  # gate checks run in worker threads, off the request path
@@ -91,7 +91,7 @@ class Router:
             first = await self._attempt(req, ctx, route, "student", route.student)
             if first.failure is None:
                 return first.result()
-            self.counts[f"fallback:{first.failure}"] += 1
+            self.counts["fallback", route.name, first.failure] += 1
             return (await self._attempt(req, ctx, route, "teacher", route.teacher, parent=first)).result()
         primary = await self._attempt(req, ctx, route, "teacher", route.teacher)
         if decision.shadow and primary.response is not None:
@@ -122,7 +122,7 @@ class Router:
                 return
             if student.sent:  # plain text already went out: nothing can replace it now
                 raise student.attempt.error
-            self.counts[f"fallback:{student.attempt.failure}"] += 1
+            self.counts["fallback", route.name, student.attempt.failure] += 1
             teacher = _StreamAttempt(self, req, ctx, route, "teacher", route.teacher, None, parent=student.attempt)
         else:
             teacher = _StreamAttempt(self, req, ctx, route, "teacher", route.teacher, None)
@@ -164,9 +164,12 @@ class Router:
             verdict = Verdict(False, "low_confidence",
                               f"mean token log-probability {confidence:.3f} is under the route's {route.min_confidence}")
         info.valid, info.error_type, info.error_detail = verdict.valid, verdict.error_type, verdict.detail
-        info.cost_usd = cost_usd(binding, usage.prompt_tokens, usage.completion_tokens)
+        rate, seconds = self.settings.cost.usd_per_hour, info.latency_ms / 1000
+        info.cost_usd = cost_usd(binding, usage.prompt_tokens, usage.completion_tokens, seconds, rate)
         agreed = agreement(reference.verdict, verdict, bool(req.response_format)) if reference and reference.verdict else None
-        teacher_cost = cost_usd(route.teacher, usage.prompt_tokens, usage.completion_tokens)
+        # A local teacher is priced on this attempt's compute time: the best estimate there is of its own.
+        teacher_cost = info.teacher_cost_usd = cost_usd(route.teacher, usage.prompt_tokens, usage.completion_tokens,
+                                                        seconds, rate)
         record = self._record(req, ctx, info, response_payload(resp), usage, teacher_cost, parent, agreed)
         if self.store is not None and ctx.capture:
             await self.store.arecord(record)
@@ -219,7 +222,7 @@ class Router:
     def _start_shadow(self, req: ChatRequest, ctx: CallContext, route: Route, teacher: Attempt) -> None:
         """Run the student on the same request in the background; shed (and count) when enough are in flight."""
         if len(self._shadows) >= self.settings.rollout.shadow_concurrency:
-            self.counts["shadow:shed"] += 1
+            self.counts["shadow_shed", route.name, ""] += 1
             return
         task = asyncio.ensure_future(self._attempt(req, ctx, route, "shadow", route.student, parent=teacher,
                                                    reference=teacher))
