@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.bindings import Binding, parse_binding
+from app.capture.redact import EMAIL
 from app.errors import ConfigError, UsageError
 from app.secrets import register_settings
 
@@ -85,6 +86,21 @@ class ProxyConfig(Section):
         return [normalise_hash(v) for v in value]
 
 
+class CaptureConfig(Section):
+    # Regular expressions redacted in captured text besides secrets; the default is e-mail addresses.
+    redact_patterns: list[str] = [EMAIL]
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+
 class CostConfig(Section):
     # What an hour of this machine costs, for local models (a binding's own usd_per_hour wins). The default is a
     # small cloud VM; set your own, e.g. a GPU's hourly price.
@@ -123,6 +139,7 @@ class Settings(BaseSettings):
     proxy: ProxyConfig = ProxyConfig()
     rollout: RolloutConfig = RolloutConfig()
     cost: CostConfig = CostConfig()
+    capture: CaptureConfig = CaptureConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 

@@ -20,8 +20,10 @@ class Services:
         """Open the store first (a bad path fails here, before any model loads), then the Router over it."""
         store = None
         if capture:
+            from app.capture.redact import configure_patterns
             from app.capture.store import CaptureStore
 
+            configure_patterns(settings.capture.redact_patterns)
             store = CaptureStore.open(settings.store.url)
         return cls(settings=settings, router=Router(settings, store), store=store)
 

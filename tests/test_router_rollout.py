@@ -237,3 +237,24 @@ def test_plain_text_from_the_student_streams_at_once(make, scripted):
     chunks = asyncio.run(collect())
     assert chunks[0].slmswap.role == "student"
     assert "".join(ch.delta.content or "" for c in chunks for ch in c.choices).strip() == "hello from the student"
+
+
+def test_a_failing_student_binding_is_skipped_then_probed_after_the_cool_down(make, scripted):
+    from app.routing.breaker import Breakers
+
+    config("student")
+    now = [0.0]
+    router = make()
+    router.breakers = Breakers(threshold=2, cooldown_s=30, clock=lambda: now[0])
+    scripted("s").default = BackendError("scripted:s failed (HTTP 500): down")
+    scripted("t").default = GOOD
+    for _ in range(4):
+        assert complete(router).slmswap.role == "teacher"
+    assert len(scripted("s").requests) == 2  # opened after two failures: the next two calls skip the student
+    skipped = [r for r in rows(router) if r.role == "student"][2:]
+    assert [r.error_type for r in skipped] == ["backend_error", "backend_error"]
+    assert all("is skipped: it failed 2 times in a row" in r.error_detail for r in skipped)
+    now[0] = 31.0  # the cool-down is over: one probe goes through, and it succeeds
+    scripted("s").default = GOOD
+    assert complete(router).slmswap.role == "student"
+    assert not router.breakers.is_open("scripted:s")

@@ -302,3 +302,28 @@ def test_a_client_that_leaves_mid_stream_cancels_the_upstream_and_the_call_is_ab
         [call] = services.store.list_calls()
     services.close()
     assert (call.valid, call.error_type, call.response["content"]) == (False, "aborted", "first")
+
+
+def test_email_addresses_are_redacted_in_captures_but_the_answer_is_the_models(proxy, scripted):
+    url, services = proxy
+    scripted("teacher").enqueue("I wrote to bob@example.com")
+    resp = post(url, ask(messages=[{"role": "user", "content": "mail alice.smith+x@corp.example.org"}]))
+    assert resp.json()["choices"][0]["message"]["content"] == "I wrote to bob@example.com"
+    call = services.store.get_call(resp.headers["x-slmswap-call-id"])
+    assert call.request["messages"][0]["content"] == "mail [redacted]"
+    assert call.response["content"] == "I wrote to [redacted]"
+
+
+def test_a_field_we_ignore_is_logged_once(proxy, scripted, caplog):
+    import logging
+
+    from app.server import protocol
+
+    protocol._IGNORED_SEEN.discard("prediction")
+    url, _ = proxy
+    scripted("teacher").default = "ok"
+    with caplog.at_level(logging.WARNING, logger="slmswap.server"):
+        for _ in range(3):
+            assert post(url, ask(prediction={"type": "content", "content": "x"})).status_code == 200
+    notes = [r.getMessage() for r in caplog.records if "'prediction'" in r.getMessage()]
+    assert notes == ["request field 'prediction' is accepted but ignored by slm-swap (logged once)"]

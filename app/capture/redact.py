@@ -3,12 +3,14 @@
 A value under a key named like a credential (api_key, Authorization, x-api-key, client_secret, password, ...)
 becomes "[redacted]", and inside any string the secrets app/secrets.py knows (registered key values, bearer tokens,
 `sk-...` keys, URL credentials) are replaced in place. Keys directly inside a JSON-schema "properties" mapping are
-parameter names, not credentials, so a tool with a `password` parameter keeps its schema.
+parameter names, not credentials, so a tool with a `password` parameter keeps its schema. Configured extra
+patterns (e-mail addresses by default) are redacted in captured text as well.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -27,6 +29,25 @@ _SECRET_WORDS = ("api_key", "apikey", "authorization", "secret", "password", "pa
 # credentials are checked by app.secrets.might_hold_secret.
 _NEEDLES = ("sk-", "bearer", "auth", "secret", "passw", "key", "access", "refresh")
 _PLAIN = {bool, int, float}
+# Extra patterns for captured text (`[capture] redact_patterns`; e-mail addresses by default), set by
+# configure_patterns. Each may name a substring that any match contains, so text without it skips the regex.
+EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+_patterns: list[re.Pattern] = []
+_pattern_needles: list[str | None] = []
+
+
+def configure_patterns(patterns: list[str]) -> None:
+    """Redact what these regular expressions match in captured text too (replaces the previous list)."""
+    compiled = [re.compile(p) for p in patterns]
+    _patterns[:] = compiled
+    _pattern_needles[:] = ["@" if p == EMAIL else None for p in patterns]
+
+
+def _scrub(text: str) -> str:
+    for pattern, needle in zip(_patterns, _pattern_needles):
+        if needle is None or needle in text:
+            text = pattern.sub(REDACTED, text)
+    return text
 
 
 def redact(value: Any) -> Any:
@@ -38,7 +59,7 @@ def redact(value: Any) -> Any:
     {'headers': {'Authorization': '[redacted]'}, 'note': 'key [redacted]'}
     """
     if isinstance(value, str):
-        return redact_text(value)
+        return _scrub(redact_text(value))
     if isinstance(value, (dict, list, tuple)) and _might_hold_secret(value):
         return _walk(value, schema_properties=False)
     return value
@@ -67,12 +88,14 @@ def _might_hold_secret(value: dict | list | tuple) -> bool:
     if text is None:
         text = json.dumps(value, ensure_ascii=False, default=repr)
     lowered = text.lower()
+    if any(needle is None or needle in text for needle in _pattern_needles):
+        return True
     return any(needle in lowered for needle in _NEEDLES) or might_hold_secret(text, lowered)
 
 
 def _walk(value: Any, schema_properties: bool) -> Any:
     if isinstance(value, str):
-        return redact_text(value)
+        return _scrub(redact_text(value))
     if isinstance(value, dict):
         return {k: _walk_item(k, v, schema_properties) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -23,6 +23,7 @@ from app.capture.records import CallRecord, Role, request_payload, response_payl
 from app.config import Settings
 from app.cost import cost_usd
 from app.errors import BackendError, BadReply, SlmSwapError
+from app.routing.breaker import Breakers, CircuitOpen
 from app.routing.context import CallContext
 from app.routing.rollout import agreement, decide, judge_stage
 from app.routing.routes import Route, RouteStates, gates
@@ -66,6 +67,7 @@ class Router:
         self._judged: Counter[str] = Counter()
         self._shadows: set[asyncio.Task] = set()
         self._judging: set[asyncio.Future] = set()  # gate checks run in worker threads, off the request path
+        self.breakers = Breakers()  # per binding: skip one that keeps failing, probe it after a cool-down
 
     def route(self, name: str) -> Route:
         return self.states.get(name)
@@ -141,9 +143,11 @@ class Router:
         info = self._info(ctx, route, role, binding)
         started = time.perf_counter()
         try:
+            self.breakers.check(binding.name)
             resp = checked_reply(binding, await self.backends.get(binding).complete(req))
         except BaseException as exc:
             return await self._capture_failure(self._failed(req, ctx, route, info, started, exc, parent))
+        self.breakers.record(binding.name, ok=True)
         info.latency_ms = (time.perf_counter() - started) * 1000
         attempt = await self._judge(req, ctx, route, info, binding, resp, parent, reference)
         resp.model, resp.slmswap = binding.name, info
@@ -200,6 +204,8 @@ class Router:
             if keep:
                 self.store.record_soon(record)
             raise exc
+        if not isinstance(error, CircuitOpen):
+            self.breakers.record(info.binding, ok=False)
         self._after_judged(route, info.role)
         return Attempt(info.role, info, error=error), record if keep else None  # type: ignore[arg-type]
 
@@ -301,8 +307,10 @@ class _StreamAttempt:
         and the attempt is captured as aborted.
         """
         started = time.perf_counter()
-        stream = self.router.backends.get(self.binding).stream(self.req)
+        stream = None
         try:
+            self.router.breakers.check(self.binding.name)
+            stream = self.router.backends.get(self.binding).stream(self.req)
             async for chunk in stream:
                 self.acc.add(chunk)
                 chunk.model = self.binding.name
@@ -319,7 +327,9 @@ class _StreamAttempt:
             self.attempt = await self.router._capture_failure(failed)
             return
         finally:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
+        self.router.breakers.record(self.binding.name, ok=True)
         self.info.latency_ms = (time.perf_counter() - started) * 1000
         self.attempt = await self.router._judge(self.req, self.ctx, self.route, self.info, self.binding,
                                                 self.acc.response(), self.parent, None)
