@@ -114,7 +114,9 @@ def test_tables_print_user_text_literally(capsys, scripted):
     ("not a url at all", "does not parse", "psycopg"),
     ("nosuchdb://u@127.0.0.1/db", "'nosuchdb' is no database", "pip install"),
 ])
-def test_bad_store_url_exits_2_with_a_hint_for_its_scheme(capsys, scripted, url, shown, absent):
+def test_bad_store_url_exits_2_with_a_hint_for_its_scheme(capsys, scripted, monkeypatch, url, shown, absent):
+    for driver in ("psycopg2", "psycopg", "pymysql", "MySQLdb"):  # as if no driver were installed
+        monkeypatch.setitem(sys.modules, driver, None)
     Path("slmswap.toml").write_text(f'[store]\nurl = "{url}"\n')
     code, _, err = slmswap(capsys, "calls", "list")
     assert code == 2 and shown in err and absent not in err and "SLMSWAP_STORE__URL" in err, err

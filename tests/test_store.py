@@ -594,14 +594,11 @@ def test_open_corrupt_sqlite_file_is_a_store_error(tmp_path):
         CaptureStore.open(f"sqlite:///{broken}")
 
 
-def test_open_without_a_driver_names_the_install():
+def test_open_without_a_driver_names_the_install(monkeypatch):
     from app.errors import MissingDependency
 
-    try:
-        import psycopg2  # noqa: F401
-        pytest.skip("psycopg2 is installed")
-    except ImportError:
-        pass
+    for driver in ("psycopg2", "psycopg"):  # as if neither were installed (a None entry makes the import fail)
+        monkeypatch.setitem(sys.modules, driver, None)
     with pytest.raises(MissingDependency, match="pip install"):
         CaptureStore.open("postgresql://user:pw@localhost/slmswap")
 
