@@ -161,7 +161,7 @@ def rollout_status(
     from app.routing.status import route_status
 
     settings = load_settings(config)
-    rows = route_status(settings, _store(config), list(route) or None)
+    rows = route_status(settings, _store(config), list(route or []) or None)
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in rows], default=str))
         return

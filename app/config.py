@@ -60,6 +60,7 @@ class RolloutConfig(Section):
     min_samples: int = Field(200, ge=1)  # judged student calls in a stage before its gates are read
     judge_every: int = Field(10, ge=1)  # a serving process re-reads the gates after this many judged calls
     shadow_concurrency: int = Field(4, ge=0)  # shadow students in flight per process; more are shed and counted
+    judge: str | None = None  # a binding that compares free-text shadow answers; without one they are not judged
 
 
 class WorkflowConfig(Section):

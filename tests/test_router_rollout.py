@@ -1,6 +1,7 @@
 """The Router's rollout on a real store with scripted teacher and student: who answers, fallback, shadow, gates."""
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,38 @@ def test_a_failing_student_binding_is_skipped_then_probed_after_the_cool_down(ma
     scripted("s").default = GOOD
     assert complete(router).slmswap.role == "student"
     assert not router.breakers.is_open("scripted:s")
+
+
+def test_free_text_shadows_are_judged_by_the_judge_binding_when_one_is_set(make, scripted):
+    config("shadow")
+    with open("slmswap.toml", "a") as f:
+        f.write('judge = "scripted:judge"\n')
+    scripted("t").default = "Paris is the capital."
+    scripted("s").enqueue("The capital is Paris.", "It is Lyon.")
+    scripted("judge").default = lambda req: json.dumps({"agree": "B:\nThe capital is Paris" in req.messages[1].content})
+    router = make()
+
+    async def two():
+        for i in range(2):
+            await router.complete(*ask(f"u{i}", tools=False))
+        await router.drain()
+
+    asyncio.run(two())
+    shadows = sorted((r.response["content"], r.agreement) for r in rows(router) if r.role == "shadow")
+    assert shadows == [("It is Lyon.", False), ("The capital is Paris.", True)]
+    judged = [r.messages[1].content for r in scripted("judge").requests]
+    assert len(judged) == 2 and all("Answer A:\nParis is the capital." in j for j in judged)
+
+
+def test_free_text_shadows_without_a_judge_are_not_judged(make, scripted):
+    config("shadow")
+    scripted("t").default = scripted("s").default = "same words"
+    router = make()
+
+    async def one():
+        await router.complete(*ask("u", tools=False))
+        await router.drain()
+
+    asyncio.run(one())
+    [shadow] = [r for r in rows(router) if r.role == "shadow"]
+    assert shadow.agreement is None

@@ -9,6 +9,7 @@ linked by parent call id. Capture is durable before a call returns; shadows run 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -29,6 +30,10 @@ from app.routing.rollout import agreement, decide, judge_stage
 from app.routing.routes import Route, RouteStates, gates
 from app.validation import Verdict, validate_output
 from app.wire import AssistantMessage, CallInfo, ChatChunk, ChatRequest, ChatResponse, Choice, ToolCall, Usage
+
+
+JUDGE_PROMPT = ("You compare two answers to the same request. Reply with JSON {\"agree\": true} when they say the "
+                "same thing (wording may differ), else {\"agree\": false}.")
 
 
 @dataclass
@@ -171,6 +176,8 @@ class Router:
         rate, seconds = self.settings.cost.usd_per_hour, info.latency_ms / 1000
         info.cost_usd = cost_usd(binding, usage.prompt_tokens, usage.completion_tokens, seconds, rate)
         agreed = agreement(reference.verdict, verdict, bool(req.response_format)) if reference and reference.verdict else None
+        if agreed is None and reference is not None and reference.verdict and reference.verdict.valid and verdict.valid:
+            agreed = await self._judge_text(req, reference.response, resp)
         # A local teacher is priced on this attempt's compute time: the best estimate there is of its own.
         teacher_cost = info.teacher_cost_usd = cost_usd(route.teacher, usage.prompt_tokens, usage.completion_tokens,
                                                         seconds, rate)
@@ -222,6 +229,26 @@ class Router:
             fallback_reason=parent.failure if parent and info.role == "teacher" else None,
             agreement=agreed, caller=ctx.caller,
         )
+
+    async def _judge_text(self, req: ChatRequest, teacher: ChatResponse | None, student: ChatResponse) -> bool | None:
+        """Free-text agreement by the configured judge binding (`[rollout] judge`); None without one, or when the
+        judge fails (an unjudged shadow call counts for nothing either way)."""
+        judge = self.settings.rollout.judge
+        if not judge or teacher is None:
+            return None
+        question = ChatRequest(model="judge", temperature=0.0, max_tokens=16, messages=[
+            {"role": "system", "content": JUDGE_PROMPT},
+            {"role": "user", "content": f"Request:\n{req.messages[-1].text()[:4000]}\n\nAnswer A:\n"
+                                        f"{(teacher.message.content or '')[:4000]}\n\nAnswer B:\n"
+                                        f"{(student.message.content or '')[:4000]}"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": {
+                "type": "object", "properties": {"agree": {"type": "boolean"}}, "required": ["agree"],
+                "additionalProperties": False}}})
+        try:
+            reply = await self.backends.get(self.settings.binding(judge)).complete(question)
+            return bool(json.loads(reply.message.content or "")["agree"])
+        except Exception:  # noqa: BLE001 - a judge that fails leaves the call unjudged
+            return None
 
     # ---- shadows and gates -------------------------------------------------------------------------------
 
