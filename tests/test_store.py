@@ -621,16 +621,14 @@ def test_open_corrupt_sqlite_file_is_a_store_error(tmp_path):
         CaptureStore.open(f"sqlite:///{broken}")
 
 
-def test_open_without_a_driver_names_the_install():
+def test_open_without_a_driver_names_the_install(monkeypatch):
     from app.errors import MissingDependency
 
-    try:
-        import psycopg2  # noqa: F401
-        pytest.skip("psycopg2 is installed")
-    except ImportError:
-        pass
-    with pytest.raises(MissingDependency, match="pip install"):
-        CaptureStore.open("postgresql://user:pw@localhost/slmswap")
+    monkeypatch.setitem(sys.modules, "pg8000", None)  # as if not installed, whatever this machine has
+    hint = r"pip install 'psycopg\[binary\]' and use postgresql\+psycopg://"
+    with pytest.raises(MissingDependency, match=hint) as err:
+        CaptureStore.open("postgresql+pg8000://user:pw@localhost/slmswap")
+    assert "pw" not in str(err.value)
 
 
 def test_payloads_from_wire_types_round_trip(store):
@@ -654,3 +652,30 @@ def test_payloads_from_wire_types_round_trip(store):
     store.record(call(id="wire", request=request, response=response))
     got = store.get_call("wire")
     assert (got.request, got.response) == (request, response)
+
+
+# ---- PostgreSQL: a server that restarts ------------------------------------------------------------------------
+
+def test_the_writer_reconnects_after_the_database_restarts(postgres, postgres_url):
+    with CaptureStore.open(postgres_url) as store:
+        store.record(call(id="before"))
+        postgres.restart()  # cuts every connection, the writer's included
+        store.record(call(id="after"))
+        assert store._writer.reconnects == 1  # the first commit did find its connection cut
+        run_id = store.start_run("after a restart")  # the pooled connections are replaced too
+        assert {c.id for c in store.list_calls()} == {"before", "after"}
+        assert store.get_run(run_id).status == "running"
+
+
+def test_a_database_that_stays_away_fails_the_call_and_the_writer_recovers(postgres, postgres_url):
+    with CaptureStore.open(postgres_url) as store:
+        store.record(call(id="before"))
+        store._writer._reconnect_delays = (0, 0)  # give up at once: the server is stopped until we restart it
+        postgres.stop_server()
+        try:
+            with pytest.raises(StoreError, match="(?s)could not record call lost.*its server.*SLMSWAP_STORE__URL"):
+                store.record(call(id="lost"))
+        finally:
+            postgres.start_server()
+        store.record(call(id="after"))
+        assert {c.id for c in store.list_calls()} == {"before", "after"}

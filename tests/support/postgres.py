@@ -85,6 +85,13 @@ class Cluster:
         """A real server restart: every open connection is cut, as when a production database restarts."""
         self._pg_ctl("restart", "-m", "fast")
 
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data (`start_server` brings it back on the same port)."""
+        self._pg("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+
+    def start_server(self) -> None:
+        self._pg_ctl("start")
+
     def stop(self) -> None:
         if self.data.exists():
             self._pg("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w", check=False)
