@@ -18,6 +18,7 @@ USER = "postgres"  # the cluster's superuser (trust auth on loopback only)
 # A time zone with a half-hour offset, so a datetime that loses or misreads its zone fails a round trip.
 SERVER_TIMEZONE = "Asia/Kolkata"
 READY_TIMEOUT_S = 60
+RUN_AS = "postgres"  # the OS user initdb and postgres run as when the tests run as root
 
 
 def in_ci() -> bool:
@@ -66,9 +67,13 @@ class Cluster:
         self.port = free_port()
         self._databases = 0
         # initdb and postgres refuse to run as root: run them as an unprivileged user that owns the directory.
-        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self._as = ["runuser", "-u", RUN_AS, "--"] if os.geteuid() == 0 else []
         if self._as:
-            shutil.chown(self.root, "postgres", "postgres")
+            try:
+                shutil.chown(self.root, RUN_AS, RUN_AS)
+            except LookupError:
+                raise RuntimeError(f"running as root, the test cluster needs an unprivileged user {RUN_AS!r} to own "
+                                   f"it (Debian's postgresql package creates one; or: useradd -r {RUN_AS})") from None
 
     def _pg(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         out = subprocess.run([*self._as, str(self.bindir / tool), *args], capture_output=True, text=True)
