@@ -83,7 +83,14 @@ class Cluster:
 
     def start(self) -> Cluster:
         self._pg("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8")
-        self._pg_ctl("start")
+        for attempt in range(3):
+            try:
+                self._pg_ctl("start")
+                return self
+            except RuntimeError:  # the free port was taken meanwhile (by another test session): take another
+                if attempt == 2:
+                    raise
+                self.port = free_port()
         return self
 
     def restart(self) -> None:
