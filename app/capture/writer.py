@@ -54,8 +54,8 @@ class CompiledInsert:
         """True when `exc` means the server is away or cut `conn` (None: connecting failed): worth a retry."""
         if not self._server:
             return False
-        if conn is None:
-            return isinstance(exc, DBAPIError)  # raw_connection() wraps the driver's "connection refused"
+        if conn is None:  # could not connect: the server is still starting, or away
+            return isinstance(exc, (DBAPIError, self._engine.dialect.loaded_dbapi.Error))
         return self._engine.dialect.is_disconnect(exc, conn.dbapi_connection, None)
 
     def params(self, row: Row) -> tuple | dict:
