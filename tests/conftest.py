@@ -1,4 +1,5 @@
-"""Shared fixtures: every test runs in its own working directory with no slm-swap or Langfuse variables set."""
+"""Shared fixtures: every test runs in its own working directory with no slm-swap or Langfuse variables set; one
+throwaway PostgreSQL cluster per session for the store tests that run on it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import postgres as postgres_support
 from tests.support import scripted as scripted_support
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,3 +30,22 @@ def scripted():
     scripted_support.reset()
     yield scripted_support.scripted
     scripted_support.reset()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL cluster, started on first use (a start costs seconds) and removed at the end."""
+    from tests.support.requires import require
+
+    require("psycopg")
+    cluster = postgres_support.Cluster(postgres_support.require_bindir())
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """A fresh, empty PostgreSQL database of its own for this test."""
+    return postgres.create_database()

@@ -1,11 +1,12 @@
 """Migrations: a blank database and one left in the original (m001-only) schema, with rows, both arrive at
-exactly the schema declared in app/capture/schema.py without losing anything."""
+exactly the schema declared in app/capture/schema.py without losing anything, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import re
 import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -18,9 +19,16 @@ from app.capture.schema import metadata
 from app.capture.store import CaptureStore
 
 
-@pytest.fixture
-def url(tmp_path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
     return f"sqlite:///{tmp_path / 'capture.db'}"
+
+
+def stored_time(conn: Connection, value: datetime):
+    """A timestamp as the old code's driver stored it: text on SQLite, a timestamptz on PostgreSQL."""
+    return value if conn.dialect.name == "postgresql" else value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 @pytest.fixture
@@ -91,12 +99,12 @@ def test_runs_from_before_m004_keep_their_status_and_new_ones_know_their_process
     import socket
 
     migrate(engine, stop_before="m004_runs_pid_host")
-    started = datetime(2025, 1, 2, 3, 4, 5)
+    started = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     with engine.begin() as conn:
         for run_id, status in (("old-running", "running"), ("old-ok", "ok")):
             conn.execute(text("INSERT INTO runs (id, query, status, answer, error, started_at, finished_at)"
                               " VALUES (:id, 'q', :status, NULL, NULL, :started, NULL)"),
-                         {"id": run_id, "status": status, "started": started.strftime("%Y-%m-%d %H:%M:%S.%f")})
+                         {"id": run_id, "status": status, "started": stored_time(conn, started)})
 
     assert migrate(engine) == ["m004_runs_pid_host", "m005_rollout"]
     assert shape(engine) == declared()
@@ -115,14 +123,14 @@ def insert_original_rows(conn: Connection, created: datetime) -> None:
         "INSERT INTO calls (id, run_id, route, agent, binding, template_id, request, response, valid, error_type,"
         " error_detail, latency_ms, prompt_tokens, completion_tokens, cost_usd, teacher_cost_usd, created_at)"
         " VALUES ('old-call', NULL, 'retrieval', 'retrieval', 'gguf:smollm2-135m', 'retrieval/base@1', :req, :resp,"
-        " 1, NULL, NULL, 42.0, 10, 3, 0.0, 0.01, :created)"),
+        " TRUE, NULL, NULL, 42.0, 10, 3, 0.0, 0.01, :created)"),
         {"req": json.dumps({"messages": [{"role": "user", "content": "hello"}], "params": {}}),
          "resp": json.dumps({"content": "hi", "tool_calls": None, "finish_reason": "stop"}),
-         "created": created.strftime("%Y-%m-%d %H:%M:%S.%f")})
+         "created": stored_time(conn, created)})
     conn.execute(text(
         "INSERT INTO templates (id, agent, version, parent_id, origin, text, successes, failures, active, created_at)"
-        " VALUES ('retrieval/base@1', 'retrieval', 1, NULL, 'base', 'You retrieve.', 3, 1, 1, :created)"),
-        {"created": created.strftime("%Y-%m-%d %H:%M:%S.%f")})
+        " VALUES ('retrieval/base@1', 'retrieval', 1, NULL, 'base', 'You retrieve.', 3, 1, TRUE, :created)"),
+        {"created": stored_time(conn, created)})
 
 
 def test_a_failing_step_leaves_no_trace(engine, monkeypatch):
@@ -187,3 +195,43 @@ def test_many_first_opens_of_a_new_database_at_once(tmp_path):
         for t in threads:
             t.join()
         assert errors == []
+
+
+def test_two_processes_starting_on_a_new_postgres_database_migrate_once(postgres, postgres_url):
+    # The test holds the migration lock, both "processes" (engines of their own) reach it and wait, then it is
+    # released: the first to get it applies every step, the other finds them applied and does nothing.
+    from app.capture.engine import MIGRATE_LOCK_KEY
+
+    engines, results, errors = [open_engine(postgres_url) for _ in range(2)], [], []
+
+    def run(e):
+        try:
+            results.append(migrate(e))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    with postgres.connect(postgres_url) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
+        threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        waiting_on_migration_lock(holder, 2)
+        assert pending(engines[0]) == [step.__name__ for step in MIGRATIONS]  # nobody ran a step around the lock
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert sorted(results, key=len) == [[], [step.__name__ for step in MIGRATIONS]]
+    assert shape(engines[0]) == declared()
+    for e in engines:
+        e.dispose()
+
+
+def waiting_on_migration_lock(conn, n: int) -> None:
+    """Block until `n` sessions wait for the migration lock (bounded: only a missing lock takes this long)."""
+    deadline = time.monotonic() + 30
+    query = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    while conn.execute(query).fetchone()[0] < n:
+        assert time.monotonic() < deadline, f"fewer than {n} migrations waited for the lock"
+        time.sleep(0.01)

@@ -3,6 +3,7 @@
 SQLite gets WAL (readers never block the writer), synchronous=NORMAL (a commit survives the process being
 killed, not a power cut), a busy timeout and foreign keys. The sqlite3 driver is told to stay out of
 transaction control and SQLAlchemy emits BEGIN itself, so DDL in migrations is transactional like on PostgreSQL.
+PostgreSQL (postgresql+psycopg://) gets pre-pinged pooled connections, so a restarted server costs no request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -31,6 +32,9 @@ FIX = "set store.url in slmswap.toml or SLMSWAP_STORE__URL"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
 _BEGIN_OPTION = "slmswap_begin"
+# PostgreSQL advisory lock keys (any constant bigint; these spell "slmswapW" and "slmswapM" in ASCII).
+WRITE_LOCK_KEY = 0x736C6D7377617057
+MIGRATE_LOCK_KEY = 0x736C6D737761704D
 
 
 def open_engine(url: str) -> Engine:
@@ -72,9 +76,13 @@ _OTHER_DRIVER = "install that driver with pip, or use SQLite or PostgreSQL (the 
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A transaction that holds the write lock from its first statement (BEGIN IMMEDIATE on SQLite).
 
-    Use it for read-then-write work, so two processes cannot both read and then collide on the write.
+    Use it for read-then-write work, so two processes cannot both read and then collide on the write. On
+    PostgreSQL a transaction-level advisory lock plays BEGIN IMMEDIATE's part: read committed alone would let two
+    proxy processes read the same route state and both write "version + 1".
     """
     with engine.connect().execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"}) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
         yield conn
 
 

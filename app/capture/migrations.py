@@ -7,13 +7,14 @@ released, and a retired step stays in the list as a no-op so that numbers never 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from sqlalchemy import (JSON, Boolean, Column, Connection, DateTime, Engine, Float, Index, Integer, MetaData,
-                        String, Table, inspect, select)
+                        String, Table, inspect, select, text)
 
-from app.capture.engine import write_transaction
+from app.capture.engine import MIGRATE_LOCK_KEY, write_transaction
 
 Migration = Callable[[Connection], None]
 MIGRATIONS: list[Migration] = []
@@ -34,6 +35,29 @@ def migrate(engine: Engine, stop_before: str | None = None) -> list[str]:
     """
     if not pending(engine):
         return []
+    with _migration_lock(engine):
+        return _apply(engine, stop_before)
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, hold a session advisory lock for the whole run, so that N proxy processes starting at once
+    on a new database migrate one after another: the first applies every step, the others find nothing to do.
+    SQLite needs none: each step's BEGIN IMMEDIATE already serialises them."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_LOCK_KEY})
+        conn.commit()  # the lock belongs to the session, not to this transaction; end it so it holds no snapshot
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATE_LOCK_KEY})
+            conn.commit()
+
+
+def _apply(engine: Engine, stop_before: str | None) -> list[str]:
     applied = []
     for step in MIGRATIONS:
         if step.__name__ == stop_before:

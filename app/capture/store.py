@@ -375,7 +375,8 @@ def _describe_failed_call(row: dict[str, Any], exc: BaseException) -> str:
                 "records.request_payload() and records.response_payload()")
     if "UNIQUE" in str(exc).upper() or "DUPLICATE" in str(exc).upper():
         return f"call {row['id']} is already recorded; give each call a fresh id (records.new_id())"
-    return f"could not record call {row['id']}: {exc}; check the disk and {FIX}"
+    return (f"could not record call {row['id']}: {exc}; check that the database's disk (or its server) is "
+            f"available and {FIX}")
 
 
 def _safe_url(engine: Engine) -> str:

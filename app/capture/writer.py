@@ -5,24 +5,31 @@ returns; callers who arrive while a commit is under way share the next one, whic
 concurrent recorders cheap. The INSERT is compiled once and run on the writer's own DBAPI connection, because
 SQLAlchemy's per-execute bookkeeping costs more than SQLite's insert itself. A KeyboardInterrupt reaches only
 the caller's thread, never the writer's, and a batch is one transaction, so no batch is ever half written.
-Waking a caller never blocks the writer, wherever Ctrl-C left that caller (see `_Ticket`).
+Waking a caller never blocks the writer, wherever Ctrl-C left that caller (see `_Ticket`). On a database server
+the writer outlives a restart: a batch whose connection was cut is committed again on a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, Table
+from sqlalchemy.exc import DBAPIError
 
 from app.errors import StoreError
 
 Row = dict[str, Any]
 _STOP = object()
+# Seconds to wait before each new attempt when a batch finds its connection gone: about 30 s in all, longer than a
+# PostgreSQL restart or failover takes; after that the batch's callers get the error.
+RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1, 2, 2, 4, 4, 8, 8)
 
 
 class CompiledInsert:
@@ -38,9 +45,18 @@ class CompiledInsert:
         self._begin = "BEGIN" if dialect.name == "sqlite" else None
         self._engine = engine
         self.integrity_error = dialect.loaded_dbapi.IntegrityError
+        self._server = dialect.name != "sqlite"  # a SQLite file has no connection that a restart could cut
 
     def connect(self):
         return self._engine.raw_connection()
+
+    def is_disconnect(self, exc: BaseException, conn) -> bool:
+        """True when `exc` means the server is away or cut `conn` (None: connecting failed): worth a retry."""
+        if not self._server:
+            return False
+        if conn is None:  # could not connect: the server is still starting, or away
+            return isinstance(exc, (DBAPIError, self._engine.dialect.loaded_dbapi.Error))
+        return self._engine.dialect.is_disconnect(exc, conn.dbapi_connection, None)
 
     def params(self, row: Row) -> tuple | dict:
         """The row as DBAPI parameters (JSON serialized, datetimes formatted); raises on unserializable data."""
@@ -57,10 +73,12 @@ class CompiledInsert:
             cur.executemany(self.sql, params)
             dbapi_conn.commit()
         except BaseException:
-            dbapi_conn.rollback()
+            with contextlib.suppress(Exception):  # on a cut connection this fails too; report the first error
+                dbapi_conn.rollback()
             raise
         finally:
-            cur.close()
+            with contextlib.suppress(Exception):
+                cur.close()
 
 
 class _Ticket:
@@ -89,8 +107,11 @@ def _held_lock() -> threading.Lock:
 class GroupCommitWriter:
     """Writes rows through one background thread; `write` returns once the row is committed."""
 
-    def __init__(self, insert: CompiledInsert, *, describe: Callable[[Row, BaseException], str], max_batch=2000):
+    def __init__(self, insert: CompiledInsert, *, describe: Callable[[Row, BaseException], str], max_batch=2000,
+                 reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS):
         self._insert = insert
+        self._reconnect_delays = reconnect_delays
+        self._conn = None  # the writer's own connection, opened on the first batch and again after a cut
         self._describe = describe  # turns a failed row into a message for the caller
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -98,6 +119,7 @@ class GroupCommitWriter:
         self._closed = False
         self._pid = os.getpid()
         self.commits = 0  # transactions committed, for tests and the bench
+        self.reconnects = 0  # connections replaced after a cut, for tests
         self.pending = 0  # tickets queued or being committed whose callers are not yet woken, for tests
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
@@ -150,24 +172,21 @@ class GroupCommitWriter:
 
     def _run(self) -> None:
         try:
-            conn = self._insert.connect()
-        except BaseException as exc:
-            self._fail_all(exc)
-            return
-        try:
-            while self._commit_next(conn):
+            while self._commit_next():
                 pass
         except BaseException as exc:  # a bug, not a database error: never leave a caller waiting
             self._fail_all(exc)
         finally:
-            conn.close()
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
 
-    def _commit_next(self, conn) -> bool:
+    def _commit_next(self) -> bool:
         """Commit one batch; False once the stop marker has been seen."""
         batch = self._drain()
         tickets = [t for t in batch if t is not _STOP]
         try:
-            self._commit(conn, [t for t in tickets if t.row is not None])
+            self._commit([t for t in tickets if t.row is not None])
         except BaseException as exc:
             for ticket in tickets:
                 ticket.error = ticket.error or StoreError(f"the capture writer failed: {exc!r}")
@@ -185,25 +204,50 @@ class GroupCommitWriter:
             pass
         return batch
 
-    def _commit(self, conn, tickets: list[_Ticket]) -> None:
+    def _commit(self, tickets: list[_Ticket]) -> None:
         if not tickets:
             return
         try:
-            self._insert.run(conn, [t.params for t in tickets])
+            self._run_batch([t.params for t in tickets])
             self.commits += 1
         except self._insert.integrity_error:
-            self._commit_one_by_one(conn, tickets)  # so one duplicate id fails only its own caller
+            self._commit_one_by_one(tickets)  # so one duplicate id fails only its own caller
         except Exception as exc:
             for ticket in tickets:
                 ticket.error = StoreError(self._describe(ticket.row, exc))
 
-    def _commit_one_by_one(self, conn, tickets: list[_Ticket]) -> None:
+    def _commit_one_by_one(self, tickets: list[_Ticket]) -> None:
         for ticket in tickets:
             try:
-                self._insert.run(conn, [ticket.params])
+                self._run_batch([ticket.params])
                 self.commits += 1
             except Exception as exc:
                 ticket.error = StoreError(self._describe(ticket.row, exc))
+
+    def _run_batch(self, params: list) -> None:
+        """Insert `params` in one transaction; when the connection was cut, again on a fresh one (bounded backoff).
+
+        The batch was rolled back with its connection, so nothing is written twice, unless the cut fell between
+        the server's commit and its answer: then the retry finds the ids taken and those callers are told so.
+        """
+        for delay in (*self._reconnect_delays, None):
+            try:
+                if self._conn is None:
+                    self._conn = self._insert.connect()
+                self._insert.run(self._conn, params)
+                return
+            except Exception as exc:
+                if delay is None or not self._insert.is_disconnect(exc, self._conn):
+                    raise
+                self._drop_connection()
+                time.sleep(delay)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()  # never handed out again by the pool
+            self._conn = None
+            self.reconnects += 1
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

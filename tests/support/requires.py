@@ -13,6 +13,7 @@ INSTALL = {
     "llama_cpp": "make install (builds llama-cpp-python)",
     "bfcl_eval": "pip install --no-deps bfcl-eval",
     "transformers": "pip install -e '.[train]'",
+    "psycopg": "pip install -e '.[postgres]'",
 }
 
 
