@@ -58,9 +58,9 @@ def upstream():
         faults.stopping.set()
 
 
-def config(tmp_path: Path, upstream: str, extra: str = "") -> Path:
+def config(tmp_path: Path, upstream: str, extra: str = "", store_url: str | None = None) -> Path:
     (tmp_path / "slmswap.toml").write_text(f'''[store]
-url = "sqlite:///{tmp_path}/calls.db"
+url = "{store_url or f'sqlite:///{tmp_path}/calls.db'}"
 
 [routes.support]
 teacher = "openai:big?base_url={upstream}/v1&max_retries=0"
@@ -109,9 +109,11 @@ def test_kill_9_under_load_loses_no_call_whose_answer_was_received(tmp_path, ups
     assert len(received) >= 30 and set(received) <= stored  # capture is durable before the response is sent
 
 
-def test_a_stage_set_through_one_process_is_obeyed_by_another(tmp_path, upstream):
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_stage_set_through_one_process_is_obeyed_by_another(tmp_path, upstream, request, db):
     """Two serving processes on one store: `slmswap rollout set` from a third is obeyed by both."""
-    workdir = config(tmp_path, upstream)
+    store_url = request.getfixturevalue("postgres_url") if db == "postgresql" else None
+    workdir = config(tmp_path, upstream, store_url=store_url)
     ports = [free_port(), free_port()]
     procs = [start(workdir, p) for p in ports]
     try:
