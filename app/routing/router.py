@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -120,8 +121,9 @@ class Router:
             structured = bool(req.tools or req.response_format)
             held: list[ChatChunk] = []
             student = _StreamAttempt(self, req, ctx, route, "student", route.student, held if structured else None)
-            async for chunk in student.run():
-                yield chunk
+            async with aclosing(student.run()) as chunks:  # a consumer that leaves closes the attempt (aborted)
+                async for chunk in chunks:
+                    yield chunk
             if student.attempt.failure is None or (student.sent and student.attempt.error is None):
                 for chunk in held:
                     yield chunk
@@ -133,8 +135,9 @@ class Router:
             teacher = _StreamAttempt(self, req, ctx, route, "teacher", route.teacher, None, parent=student.attempt)
         else:
             teacher = _StreamAttempt(self, req, ctx, route, "teacher", route.teacher, None)
-        async for chunk in teacher.run():
-            yield chunk
+        async with aclosing(teacher.run()) as chunks:
+            async for chunk in chunks:
+                yield chunk
         if teacher.attempt.error is not None:
             raise teacher.attempt.error
         if decision.shadow and teacher.attempt.response is not None:
