@@ -337,7 +337,7 @@ class CallObservation:
 
 
 @contextmanager
-def observe_call(settings: Settings, request: Any, name: str = "proxy") -> Iterator[CallObservation]:
+def observe_call(settings: Settings, request: Any, name: str = "proxy", route: str | None = None) -> Iterator[CallObservation]:
     """Trace one ChatRequest that is not a LangChain run (the proxy's) as a one-generation trace.
 
     Example: `with observe_call(settings, req) as call: call.finish(await router.complete(req))`
@@ -346,7 +346,7 @@ def observe_call(settings: Settings, request: Any, name: str = "proxy") -> Itera
     if langfuse is None:
         yield CallObservation()
         return
-    meta = {**(request.metadata or {}), **before_call_facts({"route": request.model})}
+    meta = {**(request.metadata or {}), **before_call_facts({"route": route or request.model})}
     generation = langfuse.start_observation(
         name=name, as_type="generation", model=request.model, metadata=meta,
         input=[m.model_dump(exclude_none=True) for m in request.messages],

@@ -327,3 +327,27 @@ def test_a_field_we_ignore_is_logged_once(proxy, scripted, caplog):
             assert post(url, ask(prediction={"type": "content", "content": "x"})).status_code == 200
     notes = [r.getMessage() for r in caplog.records if "'prediction'" in r.getMessage()]
     assert notes == ["request field 'prediction' is accepted but ignored by slm-swap (logged once)"]
+
+
+def test_proxy_calls_are_traced_to_langfuse_when_configured(scripted, monkeypatch):
+    import uuid
+
+    from app import observability
+    from tests.support.langfuse_receiver import LangfuseReceiver, observation_metadata
+
+    with LangfuseReceiver() as receiver:
+        monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", f"pk-lf-{uuid.uuid4().hex}")
+        monkeypatch.setenv("LANGFUSE_SECRET_KEY", f"sk-lf-{uuid.uuid4().hex}")
+        monkeypatch.setenv("LANGFUSE_HOST", receiver.url)
+        write_config()
+        scripted("teacher").enqueue("traced answer")
+        services = Services.from_settings(load_settings())
+        try:
+            with serve(create_app(services.settings, services)) as url:
+                assert post(url, ask()).status_code == 200
+        finally:
+            observability.shutdown()
+        [span] = receiver.wait_for_spans(1)
+    meta = observation_metadata(span)
+    assert (meta["agent"], meta["binding"], meta["valid"]) == ("support", "scripted:teacher", True)
+    assert "traced answer" in json.dumps(span["attributes"])

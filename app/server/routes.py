@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
 from app.errors import SlmSwapError, UsageError
+from app.observability import observe_call
+from app.observability import shutdown as shutdown_observability
 from app.routing.context import CallContext
 from app.server.auth import check_key
 from app.server.metrics import ProxyMetrics
@@ -112,7 +114,9 @@ class Proxy:
         try:
             if req.stream:
                 return await self.stream(req, body, ctx, started)
-            resp = await self.router.complete(req, ctx)
+            with observe_call(self.settings, req, route=route) as observation:  # a no-op without Langfuse keys
+                resp = await self.router.complete(req, ctx)
+                observation.finish(resp)
         except BaseException as exc:
             self.release(route)
             if isinstance(exc, Exception):
@@ -183,6 +187,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         yield
         await proxy.router.drain()
         services.close()
+        shutdown_observability()  # flush what Langfuse has buffered
 
     app = FastAPI(title="slm-swap proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.proxy = proxy
