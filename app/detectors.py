@@ -126,8 +126,11 @@ def _read_openai(raw_calls: list) -> tuple[list[Finding], list[ParsedCall]]:
     for i, tc in enumerate(raw_calls):
         fn = (tc.get("function") if isinstance(tc, dict) else None) or {}
         name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+        if not name:
+            findings.append(Finding("invalid_json", f"tool_calls[{i}] has no function name", {"call": i}))
+            continue
         try:
-            calls.append(ParsedCall(name, hermes.arguments(fn.get("arguments"), name or f"tool_calls[{i}]")))
+            calls.append(ParsedCall(name, hermes.arguments(fn.get("arguments"), name)))
         except FormatError as e:
             findings.append(Finding(e.error_type, e.detail, {"call": i, "name": name,
                                                              "arguments": str(fn.get("arguments"))[:200]}))

@@ -78,6 +78,11 @@ CASES = [
     ("broken block JSON", {"content": '<tool_call>{"name": "search", "arguments": {"query": </tool_call>'}, req(),
      None, [("invalid_json", {})]),
     ("empty output", {"content": ""}, req(), None, [("empty_output", {})]),
+    ("an OpenAI call without a name", {"tool_calls": [{"id": "x", "type": "function", "function": {}}]}, req(), None,
+     [("invalid_json", {"call": 0})]),
+    ("OpenAI arguments that do not parse", {"tool_calls": [openai_call("search", {"query": "x"}) | {
+        "function": {"name": "search", "arguments": "{query"}}]}, req(), None,
+     [("invalid_json", {"call": 0, "name": "search", "arguments": "{query"})]),
     ("unknown function", {"content": hermes("nope", {})}, req(), None,
      [("unknown_function", {"name": "nope", "allowed": ["search", "lookup", "count"]})]),
     ("two calls where parallel calls are off",
@@ -148,6 +153,7 @@ def test_detect(case, output, request_, template, expected):
     assert [f.error_type for f in found] == [kind for kind, _ in expected], found
     for f, (kind, evidence) in zip(found, expected):
         assert _matches(f, kind, evidence), (f, evidence)
+        assert "rename" in evidence or "rename" not in f.evidence, f  # no rename the case does not prove
     assert all(f.error_type in FINDING_TYPES and f.detail for f in found)
 
 

@@ -155,6 +155,27 @@ def test_a_valid_repair_leaves_no_format_or_schema_finding(case, output, request
         assert detect(output, request_) != []  # it repaired something the detectors saw
 
 
+ODD = [{"content": None}, {"content": [{"type": "text", "text": "hi"}]}, {"tool_calls": [{"id": "x"}]},
+       {"tool_calls": [openai_call("search", "not json")]}, {"content": "<tool_call>"}, {"content": "```"},
+       {"content": "```json\n```json\n{}\n```"}, {"content": '{"name": 5, "arguments": {}}'},
+       {"content": '<tool_call name="x">not json</tool_call>'}, {"content": "<tool_call/>"},
+       {"content": '<tool_call>[{"name": "search", "arguments": {"q": "a"}}, '
+                   '{"name": "count", "arguments": {"n": "1"}}]'},
+       {"content": '{"name": "search", "arguments": "{\\"q\\": 1}"}'}, {"content": "[1, {]"}]
+ODD_REQUESTS = [req(), req(tools=None, response_format=ANSWER),
+                req(tools=None, response_format={"type": "json_object"})]
+
+
+@pytest.mark.parametrize("request_", ODD_REQUESTS, ids=["tools", "json_schema", "json_object"])
+@pytest.mark.parametrize("output", ODD, ids=range(len(ODD)))
+def test_odd_output_never_raises_and_valid_after_holds(output, request_):
+    fixed = repair(output, request_)
+    assert fixed.valid_after == _validate(fixed.output, request_).valid
+    assert all(f.error_type for f in detect(output, request_))
+    if not _validate(output, request_).valid:
+        assert detect(output, request_)
+
+
 # ---- the Router's hook ------------------------------------------------------------------------------------
 
 def chat(content=None, tool_calls=None, finish="stop"):
