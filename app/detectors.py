@@ -148,7 +148,8 @@ def _read_text_calls(text: str) -> tuple[list[Finding], list[ParsedCall]]:
         name = _tag_name(m.group(0))
         findings.append(Finding("self_closing_tag", f"{m.group(0)} holds no arguments",
                                 {"tag": m.group(0), "name": name}))
-        calls.append(ParsedCall(name or "", {}))
+        if name:  # a nameless tag is no call to check
+            calls.append(ParsedCall(name, {}))
     rest = _SELF_CLOSING.sub(" ", text)
     for m in _BLOCK.finditer(rest):
         f, c = _read_block(m.group(0))

@@ -71,6 +71,8 @@ CASES = [
     ("self-closing tag", {"content": '<tool_call name="search"/>'}, req(), None,
      [("self_closing_tag", {"tag": '<tool_call name="search"/>', "name": "search"}),
       ("missing_required", {"missing": "query"})]),
+    ("a nameless self-closing tag", {"content": "<tool_call/>"}, req(), None,
+     [("self_closing_tag", {"tag": "<tool_call/>", "name": None})]),
     ("prose around a call", {"content": 'Sure: {"name": "search", "arguments": {"query": "x"}} done'}, req(), None,
      [("prose_around_json", {"before": "Sure:", "after": "done"})]),
     ("wrong tag", {"content": '<function>{"name": "search", "arguments": {"query": "x"}}</function>'}, req(), None,
