@@ -131,7 +131,8 @@ class OpenAICompatBackend:
         except openai.APIStatusError as exc:
             gap = degrade_mod.unsupported(req, exc.status_code, _full_message(exc))
             if gap is not None and getattr(self.capabilities, gap) is None:
-                raise Unsupported(gap, f"HTTP {exc.status_code}: {_status_message(exc)}") from None
+                said = " ".join(_status_message(exc).split())  # one line: llama-cpp-python sends tracebacks
+                raise Unsupported(gap, f"HTTP {exc.status_code}: {said or 'an empty error message'}") from None
             raise
 
     def _read_back(self, plan: Degraded, resp: ChatResponse) -> ChatResponse:
