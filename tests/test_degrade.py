@@ -23,6 +23,7 @@ JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "plan", "schema": 
 # llama-cpp-python's server, word for word: pydantic's literal error, and a bare `assert tool_choice == "auto"`.
 LLAMACPP_JSON_SCHEMA = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
                         "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}")
+NEWS = {"type": "function", "function": {"name": "news"}}
 NOTHING = Capabilities(json_schema=False, tool_required=False, tool_named=False, parallel_tool_calls=False)
 
 
@@ -76,8 +77,7 @@ def test_json_schema_becomes_json_object_with_the_schema_in_the_system_prompt():
     (500, LLAMACPP_JSON_SCHEMA, {"response_format": JSON_SCHEMA}, "json_schema"),
     (400, "response_format.type json_schema is not supported", {"response_format": JSON_SCHEMA}, "json_schema"),
     (500, "", {"tools": TOOLS, "tool_choice": "required"}, "tool_required"),
-    (422, "tool_choice must be 'auto'", {"tools": TOOLS, "tool_choice": {"type": "function",
-                                                                           "function": {"name": "news"}}}, "tool_named"),
+    (422, "tool_choice must be 'auto'", {"tools": TOOLS, "tool_choice": NEWS}, "tool_named"),
     (500, "", {"tools": TOOLS, "tool_choice": "auto"}, None),  # an empty 500 is no refusal of auto
     (500, "out of memory", {"tools": TOOLS, "tool_choice": "required"}, None),
     (404, "tool_choice", {"tools": TOOLS, "tool_choice": "required"}, None),
@@ -102,7 +102,8 @@ def test_corrective_retry_feeds_the_error_back_and_forces_the_function_the_reply
 def test_binding_options_declare_capabilities():
     opts = parse_binding("openai:m?supports_tool_choice=named&supports_json_schema=false").options
     assert Capabilities.of(opts) == Capabilities(json_schema=False, tool_required=False, tool_named=True)
-    assert Capabilities.of(parse_binding("azure:d?supports_parallel_tool_calls=false").options).parallel_tool_calls is False
+    azure = parse_binding("azure:d?supports_parallel_tool_calls=false").options
+    assert Capabilities.of(azure).parallel_tool_calls is False
     assert Capabilities.of(parse_binding("openai:m").options) == Capabilities()
 
 
@@ -153,7 +154,6 @@ def run_backend(upstream, binding_options, *requests, stream=False):
 def test_a_refusal_is_learned_once_and_later_calls_go_degraded_straight_away(caplog):
     caplog.set_level(logging.WARNING, logger="app.backends.openai_compat")
     upstream = Upstream(call("weather", city="Paris"), call("news", city="Rome"))
-    upstream.named_refused = True
     r = req(tools=TOOLS, tool_choice="required")
     backend, (first, second) = run_backend(upstream, "", r, r)
     assert [b.get("tool_choice") for b in upstream.seen] == ["required", "auto", "auto"]
@@ -161,6 +161,19 @@ def test_a_refusal_is_learned_once_and_later_calls_go_degraded_straight_away(cap
     assert backend.capabilities.tool_required is False
     learned = [m.getMessage() for m in caplog.records]
     assert len(learned) == 1 and "tool_choice 'required'" in learned[0]
+
+
+def test_required_over_one_function_goes_named_then_auto_when_named_is_refused_too():
+    upstream = Upstream(call("news", city="Rome"))
+    upstream.named_refused = True
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "news"}}]}}
+    r = req(tools=TOOLS, tool_choice=allowed)
+    backend, (resp,) = run_backend(upstream, "", r)
+    assert [b.get("tool_choice") for b in upstream.seen][1:] == [{"type": "function", "function": {"name": "news"}},
+                                                                 "auto"]
+    assert backend.capabilities == Capabilities(tool_required=False, tool_named=False, parallel_tool_calls=None)
+    assert verdict(r, resp).valid and [t["function"]["name"] for t in upstream.seen[-1]["tools"]] == ["news"]
 
 
 def test_an_invalid_degraded_reply_gets_one_corrective_retry():
