@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from app.toolplan import request_plan
+from app.toolplan import ToolPlan, request_plan
 from app.validation import Verdict, validate_output
 from app.wire import ChatRequest, ChatResponse, Message
 
@@ -68,37 +68,45 @@ class Degraded:
 
 def degrade(req: ChatRequest, caps: Capabilities) -> Degraded:
     """The request an upstream with `caps` can take; the request itself when it lacks nothing it needs."""
-    changes: list[str] = []
-    update: dict[str, Any] = {}
-    notes: list[str] = []
     plan = request_plan(req)
+    steps = [s for s in (_tool_step(plan, caps), _format_step(req.response_format, caps)) if s is not None]
+    single = plan.mode != "none" and not plan.parallel and caps.parallel_tool_calls is not True
+    if not steps:
+        return Degraded(req, single_call=single)
+    update = {k: v for step in steps for k, v in step.update.items()}
+    note = "\n\n".join(step.note for step in steps if step.note)
+    upstream = _copy(req, **update, messages=with_system_note(req.messages, note))
+    return Degraded(upstream, tuple(step.change for step in steps), single)
+
+
+@dataclass(frozen=True)
+class _Step:
+    update: dict[str, Any]  # request fields to replace
+    note: str  # what the system prompt must now say instead
+    change: str
+
+
+def _tool_step(plan: ToolPlan, caps: Capabilities) -> _Step | None:
+    tools = [_tool(f) for f in plan.functions]
     if plan.mode == "required" and caps.tool_required is False:
         if len(plan.functions) == 1 and caps.tool_named is not False:
             # "required" over one function is exactly that function named.
-            update["tool_choice"] = _named(plan.functions[0]["name"])
-            changes.append("tool_choice required → named")
-        else:
-            update["tool_choice"] = "auto"
-            notes.append(_call_note(plan.names))
-            changes.append("tool_choice required → auto")
-        update["tools"] = [_tool(f) for f in plan.functions]
-    elif plan.mode == "named" and caps.tool_named is False:
-        update.update(tool_choice="auto", tools=[_tool(plan.functions[0])])
-        notes.append(_call_note(plan.names))
-        changes.append("tool_choice named → auto")
-    fmt = req.response_format or {}
-    if fmt.get("type") == "json_schema" and caps.json_schema is False:
-        schema = (fmt.get("json_schema") or {}).get("schema") or {}
-        # `schema` beside json_object is llama-cpp-python's (and Anyscale's) extension: there it becomes a grammar.
-        update["response_format"] = {"type": "json_object", "schema": schema}
-        notes.append("Reply with one JSON object, and nothing else, that matches this JSON Schema:\n"
-                     + json.dumps(schema, sort_keys=True))
-        changes.append("response_format json_schema → json_object")
-    single = plan.mode != "none" and not plan.parallel and caps.parallel_tool_calls is not True
-    if not changes:
-        return Degraded(req, single_call=single)
-    upstream = _copy(req, **update, messages=with_system_note(req.messages, "\n\n".join(notes)))
-    return Degraded(upstream, tuple(changes), single)
+            return _Step({"tool_choice": _named(plan.names[0]), "tools": tools}, "", "tool_choice required → named")
+        return _Step({"tool_choice": "auto", "tools": tools}, _call_note(plan.names), "tool_choice required → auto")
+    if plan.mode == "named" and caps.tool_named is False:
+        return _Step({"tool_choice": "auto", "tools": tools}, _call_note(plan.names), "tool_choice named → auto")
+    return None
+
+
+def _format_step(fmt: dict[str, Any] | None, caps: Capabilities) -> _Step | None:
+    if (fmt or {}).get("type") != "json_schema" or caps.json_schema is not False:
+        return None
+    schema = (fmt.get("json_schema") or {}).get("schema") or {}
+    # `schema` beside json_object is llama-cpp-python's (and Anyscale's) extension: there it becomes a grammar.
+    note = "Reply with one JSON object, and nothing else, that matches this JSON Schema:\n" + json.dumps(
+        schema, sort_keys=True)
+    return _Step({"response_format": {"type": "json_object", "schema": schema}}, note,
+                 "response_format json_schema → json_object")
 
 
 def with_system_note(messages: list[Message], note: str) -> list[Message]:
