@@ -121,7 +121,9 @@ def start_servers(tmp: Path, litellm: Path | None, servers: dict[str, Server]) -
     our_config(tmp, ports["canned"], ports["slow"])
     servers["ours"] = Server("slmswap serve", [sys.executable, "-c", "from app.cli import main; main()", "serve",
                                                "--port", str(ports["ours"]), "--workers", "1"],
-                             tmp / "ours.log", cwd=tmp, env={"PYTHONPATH": str(ROOT)})
+                             tmp / "ours.log", cwd=tmp,
+                             # a key of the user's own must never travel, even to our loopback upstream
+                             env={"PYTHONPATH": str(ROOT), "OPENAI_API_KEY": "sk-bench-canned"})
     if litellm is not None:
         env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
         servers["litellm"] = Server("litellm", [str(litellm), "--config", str(litellm_config(tmp, ports["canned"])),
@@ -320,7 +322,7 @@ def report(args, main: Results, shadow: Results, keys: list[str], levels: tuple[
           f"{'met' if ours_p50 <= 1 else 'missed'}); " + (ratios(main, levels) if "litellm" in keys else
                                                           "LiteLLM not measured"))
     print(f"conditions: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {conditions()}, "
-          f"command: .venv/bin/python bench/proxy.py{' --quick' if args.quick else ''}")
+          f"command: .venv/bin/python bench/proxy.py {' '.join(sys.argv[1:])}".rstrip())
 
 
 def captured_errors(db: Path) -> list[str]:
@@ -341,8 +343,8 @@ def main() -> None:
     litellm = litellm_venv(args.no_litellm)
     names = {"ours": "slm-swap (capture on, SQLite)", "shadowed": "slm-swap shadow",
              "litellm": f"LiteLLM {litellm_version()}" if litellm else "LiteLLM"}
-    print(f"load generator: one process, raw HTTP/1.1 keep-alive on {loop}; {names['litellm'] if litellm else ''}",
-          flush=True)
+    print(f"load generator: one process, raw HTTP/1.1 keep-alive on {loop}; "
+          f"{names['litellm'] if litellm else 'LiteLLM skipped'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         servers: dict[str, Server] = {}
         try:
