@@ -68,6 +68,8 @@ def seed() -> dict[str, CallRecord]:
     c["eval"] = make("eval", "green socks", 5, source="eval")
     c["held_out"] = make("held", "wool scarf", 6, held_out=True)
     c["held_out_dup"] = make("held dup", "wool scarf", 7)
+    c["shadow_of_held_out"] = make("held shadow", "wool scarf", 7, role="shadow", parent_id=c["held_out"].id,
+                                   agreement=True)
     tool_turns = [{"role": "assistant", "content": None, "tool_calls": answer("boots")["tool_calls"]},
                   {"role": "tool", "tool_call_id": "c1", "content": '{"hits": 0}'}]
     c["student_liked"] = make("liked", "boots", 8, role="student", extra=tool_turns)
@@ -86,7 +88,7 @@ def seed() -> dict[str, CallRecord]:
 
 FEEDBACK = {"student_liked": dict(success=True), "student_disliked": dict(score=-1.0)}
 KEPT = ["teacher", "student_liked", "shadow_agreed", "fallback", "teacher_shadowed"]
-DROPPED = {"invalid": 3, "eval": 1, "held_out": 2, "unconfirmed_student": 2, "duplicate": 2}
+DROPPED = {"invalid": 3, "eval": 1, "held_out": 3, "unconfirmed_student": 2, "duplicate": 2}
 
 
 @pytest.fixture
@@ -142,6 +144,11 @@ def test_select_is_independent_of_order_and_a_teacher_wins_a_duplicate():
     assert [ex.id for ex in again.kept] == [ex.id for ex in first.kept]
     # The shadow of "red shoes" was recorded first, yet the teacher's answer is the one kept.
     assert c["teacher"].id in {ex.id for ex in first.kept} and len(first.kept) == len(KEPT) + 1  # + other route
+
+
+def test_feedback_verdict_is_negative_when_any_judgement_is():
+    rows = [("a", None, True), ("a", -1.0, None), ("b", 2.0, None), ("c", 0.0, None), ("d", 0.5, False)]
+    assert ds.feedback_verdicts(rows) == {"a": False, "b": True, "c": False, "d": False}
 
 
 def test_cap_per_route_drops_the_rest_as_over_cap():

@@ -81,8 +81,8 @@ def drop_reason(call: CallRecord, verdicts: dict[str, bool]) -> str | None:
     """Why a call cannot be a training example, or None when its answer is one to learn."""
     if call.source == "eval":
         return "eval"
-    # A shadow's parent is the teacher call with the same input: held out when that one is.
-    if is_held_out(call.id) or (call.role == "shadow" and call.parent_id and is_held_out(call.parent_id)):
+    # A shadow of a held-out call has its input, and `select` drops every input seen in a held-out call.
+    if is_held_out(call.id):
         return "held_out"
     if not call.valid or call.response is None or verdicts.get(call.id) is False:
         return "invalid"
