@@ -34,7 +34,7 @@ def build(
     route: list[str] = RouteOpt,
     fmt: str = FormatOpt,
     min_examples: int = typer.Option(100, "--min-examples", help="Refuse to write fewer examples than this."),
-    cap: int | None = typer.Option(None, "--max-per-route", help="Keep at most N examples per route."),
+    cap: int | None = typer.Option(None, "--max-per-route", min=1, help="Keep at most N examples per route."),
     val_percent: int = ValOpt,
     out_dir: str = OutOpt,
     config: str | None = ConfigOpt,
