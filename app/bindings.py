@@ -11,10 +11,10 @@ Options come inline (query-style) or from config (`[bindings."<binding>"]`); inl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from app.errors import BindingError
 
@@ -34,15 +34,34 @@ class RemoteOptions(BindingOptions):
     max_retries: int = Field(2, ge=0, le=10)
 
 
+def _choice_list(value: Any) -> Any:
+    # Inline options are strings: "required,named"; "auto" or "" declares neither.
+    if isinstance(value, str):
+        return {v.strip() for v in value.split(",") if v.strip() and v.strip() != "auto"}
+    return value
+
+
+# The tool_choice forms beyond "auto"/"none" an upstream takes; None = unknown, learned (app/backends/degrade.py).
+ToolChoiceSupport = Annotated[set[Literal["required", "named"]] | None, BeforeValidator(_choice_list)]
+
+
 class AzureOptions(RemoteOptions):
     endpoint_env: str = "AZURE_OPENAI_ENDPOINT"
     api_key_env: str = "AZURE_OPENAI_API_KEY"
     api_version: str | None = None  # default: $OPENAI_API_VERSION
+    # What the upstream supports: None = unknown (learned from its first refusal), true/false = declared.
+    supports_json_schema: bool | None = None
+    supports_tool_choice: ToolChoiceSupport = None
+    supports_parallel_tool_calls: bool | None = None
 
 
 class OpenAIOptions(RemoteOptions):
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    # What the upstream supports: None = unknown (learned from its first refusal), true/false = declared.
+    supports_json_schema: bool | None = None
+    supports_tool_choice: ToolChoiceSupport = None
+    supports_parallel_tool_calls: bool | None = None
 
 
 class LocalOptions(BindingOptions):

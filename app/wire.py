@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class OpenAIModel(BaseModel):
@@ -69,6 +69,7 @@ class ChatRequest(OpenAIModel):
     model: str = "default"  # the ROUTE name (an agent's name, or what a proxy client sends)
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
     max_completion_tokens: int | None = None
     max_tokens: int | None = None
     metadata: dict[str, str] | None = None  # the client's own; who is calling travels in a CallContext instead
@@ -82,10 +83,17 @@ class ChatRequest(OpenAIModel):
     temperature: float | None = None
     tool_choice: str | dict[str, Any] | None = None
     tools: list[Tool] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs: true, as OpenAI's does
     top_p: float | None = None
     user: str | None = None
     # slm-swap: "free" turns grammar constraints off for local models (to measure raw behaviour).
     decoding: Literal["constrained", "free"] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true; set both, or drop top_logprobs")
+        return self
 
     def meta(self, key: str) -> str | None:
         return (self.metadata or {}).get(key)
@@ -118,10 +126,29 @@ class AssistantMessage(OpenAIModel):
     tool_calls: list[ToolCall] | None = None
 
 
+class TopLogprob(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # best first, `top_logprobs` of them
+
+
+class ChoiceLogprobs(OpenAIModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(OpenAIModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None  # only when the request asked (`logprobs: true`)
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None = "stop"
+    # slm-swap: the mean log-probability of the generated tokens (<= 0; None when the backend cannot tell).
+    # Local models always set it; the Router compares it with a route's `min_confidence`.
+    confidence: float | None = None
 
 
 class CallInfo(OpenAIModel):
@@ -163,6 +190,7 @@ class DeltaMessage(OpenAIModel):
 class ChunkChoice(OpenAIModel):
     index: int = 0
     delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None  # the logprobs of this chunk's tokens, when the request asked
     finish_reason: str | None = None
 
 

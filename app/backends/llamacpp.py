@@ -6,6 +6,8 @@ different event loops). Generation is our own token loop over `Llama.eval` and a
 than `create_completion`: it lets the grammar's token mask be written straight into llama.cpp's logits buffer,
 lets tokens the grammar forces (JSON keys, closing tags) be evaluated in one batch without sampling, and reuses
 the KV cache for the prompt prefix the previous call shared (the system prompt and tools, on every agent call).
+Every generated token is scored as it is sampled (`_score`), which gives each answer its confidence and, when a
+request asks, OpenAI `logprobs`.
 Whatever llama.cpp or llguidance raise while answering is mapped into `app.errors` in `_engine_errors`.
 """
 
@@ -18,7 +20,7 @@ import ctypes
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,8 @@ from app.errors import BackendError, MissingDependency, SlmSwapError, UsageError
 from app.hermes import TOOL_CLOSE, TOOL_OPEN
 from app.local_models import resolve_model
 from app.toolplan import ToolPlan, request_plan
-from app.wire import (AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, DeltaMessage,
-                      Usage)
+from app.wire import (AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceLogprobs, ChunkChoice,
+                      DeltaMessage, TokenLogprob, TopLogprob, Usage)
 
 LLAMA_INSTALL = ('make install   (or build it without native flags and without pip\'s cache: CMAKE_ARGS="-DGGML_NATIVE=OFF" '
                  'pip install --no-binary llama-cpp-python --no-cache-dir llama-cpp-python==0.3.36)')
@@ -169,6 +171,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    top_logprobs: int = 0  # how many of the likeliest tokens to keep per step (OpenAI's top_logprobs)
 
     @classmethod
     def from_request(cls, req: ChatRequest, default_seed: int = 0) -> Sampling:
@@ -181,7 +184,19 @@ class Sampling:
             stop=tuple(s for s in stop if s),
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
         )
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    """One generated token: its bytes, its log-probability (0.0 where the grammar forced it), the likeliest
+    tokens of that step as (bytes, logprob) when asked, and the length of the text once it was added."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+    end: int = 0  # characters of text up to and including this token: which stream chunk carries it
 
 
 @dataclass
@@ -190,9 +205,15 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    tokens: list[TokenProb] = field(default_factory=list)  # one per completion token (the end token is not one)
+
+    @property
+    def confidence(self) -> float | None:
+        """The mean log-probability of the generated tokens, forced ones counting 0.0; None when there are none."""
+        return sum(t.logprob for t in self.tokens) / len(self.tokens) if self.tokens else None
 
 
-OnText = Callable[[str], bool]  # gets the text so far; returns False to stop generating
+OnText = Callable[[str, list[TokenProb]], bool]  # gets the text and tokens so far; returns False to stop generating
 
 
 def generate(model: LocalModel, prompt: str, sampling: Sampling, mask: TokenMask | None = None,
@@ -206,11 +227,12 @@ def generate(model: LocalModel, prompt: str, sampling: Sampling, mask: TokenMask
     budget = _budget(llm, len(tokens), sampling.max_tokens)
     _prefill(llm, tokens)
     sampler = _sampler(sampling, llm.n_vocab())
+    decoder = _Decoder(model, sampler, mask, on_text, fast_forward, sampling.temperature, sampling.top_logprobs)
     try:
-        text, n, finish = _Decoder(model, sampler, mask, on_text, fast_forward).run(budget, sampling.stop)
+        text, finish = decoder.run(budget, sampling.stop)
     finally:
         sampler.close()
-    return Generation(text, len(tokens), n, finish)
+    return Generation(text, len(tokens), len(decoder.tokens), finish, decoder.tokens)
 
 
 def _budget(llm: Any, n_prompt: int, max_tokens: int) -> int:
@@ -262,25 +284,38 @@ class _Decoder:
     mask: TokenMask | None
     on_text: OnText | None
     fast_forward: bool
+    temperature: float
+    top_n: int  # top_logprobs to keep per token (0: none)
+    tokens: list[TokenProb] = field(default_factory=list)
 
-    def run(self, budget: int, stop: tuple[str, ...]) -> tuple[str, int, str]:
-        """(text, tokens generated, finish reason) for up to `budget` tokens."""
-        llm, out, n = self.model.llm, _TextOut(stop), 0
-        while n < budget:
-            token = self._sample()
+    def run(self, budget: int, stop: tuple[str, ...]) -> tuple[str, str]:
+        """(text, finish reason) for up to `budget` tokens; `tokens` holds what was generated."""
+        llm, out = self.model.llm, _TextOut(stop)
+        while len(self.tokens) < budget:
+            token, scored = self._sample()
             if token in self.model.eog:
-                return out.finish(), n, "stop"
-            new = self._advance(token, budget - n - 1)
-            n += len(new)
-            if out.add(b"".join(self.model.piece(t) for t in new)) or self._ends(out.text):
-                return out.finish(), n, "stop"
+                return out.finish(), "stop"
+            new = self._advance(token, budget - len(self.tokens) - 1)
+            pieces = [self.model.piece(t) for t in new]
+            cut = out.add(b"".join(pieces))
+            end = len(out.text)
+            self.tokens += [replace(scored, piece=pieces[0], end=end), *(self._forced(p, end) for p in pieces[1:])]
+            if cut or self._ends(out.text):
+                return out.finish(), "stop"
             llm.eval(new)
-        return out.finish(), n, "length"
+        return out.finish(), "length"
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, TokenProb]:
+        logits = _last_logits(self.model.llm)
         if self.mask is not None:
-            self.mask.apply(_last_logits(self.model.llm))
-        return self.sampler.sample(self.model.llm._ctx, -1)
+            self.mask.apply(logits)
+        # The sampler works on its own copy of the logits, so the masked row is still there to score.
+        token = self.sampler.sample(self.model.llm._ctx, -1)
+        return token, _score(logits, token, self.temperature, self.top_n, self.model.piece)
+
+    def _forced(self, piece: bytes, end: int) -> TokenProb:
+        """A token the grammar forced: the only one allowed, so certain."""
+        return TokenProb(piece, 0.0, ((piece, 0.0),) if self.top_n else (), end)
 
     def _advance(self, token: int, room: int) -> list[int]:
         """The sampled token plus, when fast-forwarding, the tokens the grammar then forces (at most `room`)."""
@@ -295,12 +330,32 @@ class _Decoder:
     def _ends(self, text: str) -> bool:
         if self.mask is not None and self.mask.done:
             return True
-        return self.on_text is not None and not self.on_text(text)
+        return self.on_text is not None and not self.on_text(text, self.tokens)
 
 
 def _last_logits(llm: Any) -> Any:
     ptr = import_llama_cpp().llama_get_logits_ith(llm._ctx.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+def _score(logits: Any, token: int, temperature: float, top_n: int, piece: Callable[[int], bytes]) -> TokenProb:
+    """The sampled token's log-probability under softmax(masked logits / T), T = 1 when greedy, and the top_n
+    likeliest tokens of that distribution.
+
+    Forbidden tokens are -inf, so this is renormalised over what the grammar allows. It is the distribution before
+    llama.cpp's top-k / top-p / min-p cut and penalties (OpenAI reports the untruncated one too). One log-sum-exp
+    over the row per token: ~0.1 ms for SmolLM2's 49k logits, against ~13 ms to decode the token.
+    """
+    row = logits / temperature if temperature > 0 else logits
+    peak = row.max()
+    norm = peak + np.log(np.exp(row - peak).sum(dtype=np.float64))
+    logprob = min(0.0, float(row[token] - norm))  # <= 0 already; min() keeps float rounding from saying otherwise
+    if not top_n:
+        return TokenProb(b"", logprob)
+    best = np.argpartition(row, -top_n)[-top_n:]
+    best = best[np.argsort(-row[best], kind="stable")]
+    top = tuple((piece(int(t)), min(0.0, float(row[t] - norm))) for t in best if np.isfinite(row[t]))
+    return TokenProb(b"", logprob, top)
 
 
 class _TextOut:
@@ -349,7 +404,7 @@ class LlamaCppBackend:
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
         gen, plan = await asyncio.to_thread(self.run, req)
-        return to_response(gen, plan, self.binding.name)
+        return to_response(gen, plan, self.binding.name, bool(req.logprobs))
 
     def run(self, req: ChatRequest, on_text: OnText | None = None) -> tuple[Generation, ToolPlan]:
         """Generate synchronously (in the caller's thread): the text and the tool plan it was decoded under."""
@@ -403,12 +458,26 @@ def _mask(model: LocalModel, lark: str) -> TokenMask:
     return TokenMask(compiled_matcher(tokenizer, lark), tokenizer.vocab_size)
 
 
-def to_response(gen: Generation, plan: ToolPlan, model_name: str) -> ChatResponse:
-    """The OpenAI response for a generation: tool calls parsed out when the request offered tools."""
+def to_response(gen: Generation, plan: ToolPlan, model_name: str, logprobs: bool = False) -> ChatResponse:
+    """The OpenAI response for a generation: tool calls parsed out when the request offered tools, the confidence
+    always, and `logprobs` for every generated token (tool-call tokens included) when the request asked."""
     content, calls = chat_format.parse_tool_calls(gen.text) if plan.mode != "none" else (gen.text, [])
     finish = "tool_calls" if calls and gen.finish_reason != "length" else gen.finish_reason
     message = AssistantMessage(content=content, tool_calls=calls or None)
-    return ChatResponse(model=model_name, choices=[Choice(message=message, finish_reason=finish)], usage=_usage(gen))
+    choice = Choice(message=message, logprobs=wire_logprobs(gen.tokens) if logprobs else None, finish_reason=finish,
+                    confidence=gen.confidence)
+    return ChatResponse(model=model_name, choices=[choice], usage=_usage(gen))
+
+
+def wire_logprobs(tokens: list[TokenProb]) -> ChoiceLogprobs:
+    """Tokens in OpenAI's `logprobs` shape; `token` is the text of the bytes (a split character shows as U+FFFD)."""
+    return ChoiceLogprobs(content=[
+        TokenLogprob(**_entry(t.piece, t.logprob), top_logprobs=[TopLogprob(**_entry(p, lp)) for p, lp in t.top])
+        for t in tokens])
+
+
+def _entry(piece: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
 
 
 def _usage(gen: Generation) -> Usage:
@@ -422,7 +491,9 @@ class _Streamer:
     """Runs one generation in a worker thread and turns its growing text into OpenAI chunks.
 
     Text is streamed as it is decoded, except a tail that could still become a stop string or a `<tool_call>`
-    marker; once a marker appears the rest is collected and sent as tool-call deltas at the end.
+    marker; once a marker appears the rest is collected and sent as tool-call deltas at the end. When the request
+    asks for logprobs, a chunk carries those of the tokens whose text it completes; the first final chunk carries
+    the rest (held-back text, tool calls), so the chunks' logprobs add up to what `complete` reports.
     """
 
     def __init__(self, backend: LlamaCppBackend, req: ChatRequest):
@@ -433,14 +504,17 @@ class _Streamer:
         self.sent = 0  # characters of text already streamed
         self.collecting = False  # a tool-call marker was seen: hold the rest back
         self.id = ChatResponse(choices=[]).id
+        self.queued = 0  # tokens handed to the consumer (touched by the worker thread only)
+        self.pending: list[TokenProb] = []  # tokens whose chunk has not gone out yet
 
     async def chunks(self) -> AsyncIterator[ChatChunk]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, list[TokenProb]] | None] = asyncio.Queue()
 
-        def on_text(text: str) -> bool:
+        def on_text(text: str, tokens: list[TokenProb]) -> bool:
+            new, self.queued = tokens[self.queued:], len(tokens)  # a copy: the worker goes on appending
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, text)
+                loop.call_soon_threadsafe(queue.put_nowait, (text, new))
             except RuntimeError:  # the consumer's loop is gone
                 return False
             return not self.cancelled.is_set()
@@ -449,9 +523,11 @@ class _Streamer:
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             yield self._chunk(DeltaMessage(role="assistant", content=""))
-            while (text := await queue.get()) is not None:
+            while (item := await queue.get()) is not None:
+                text, tokens = item
+                self.pending += tokens
                 if delta := self._safe_delta(text):
-                    yield self._chunk(DeltaMessage(content=delta))
+                    yield self._chunk(DeltaMessage(content=delta), logprobs=self._take(self.sent))
             gen, plan = task.result()
             for chunk in self._final(to_response(gen, plan, self.backend.binding.name)):
                 yield chunk
@@ -479,11 +555,20 @@ class _Streamer:
             chunks.append(self._chunk(DeltaMessage(content=rest)))
         last = self._chunk(DeltaMessage(), finish_reason=choice.finish_reason)
         last.usage = response.usage
-        return [*chunks, last]
+        final = [*chunks, last]
+        final[0].choices[0].logprobs = self._take(None)
+        return final
 
-    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None) -> ChatChunk:
+    def _take(self, upto: int | None) -> ChoiceLogprobs | None:
+        """The logprobs of the pending tokens whose text ends by character `upto` (None: all), if asked for."""
+        n = len(self.pending) if upto is None else sum(1 for t in self.pending if t.end <= upto)
+        taken, self.pending = self.pending[:n], self.pending[n:]
+        return wire_logprobs(taken) if self.req.logprobs else None
+
+    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None,
+               logprobs: ChoiceLogprobs | None = None) -> ChatChunk:
         return ChatChunk(id=self.id, model=self.backend.binding.name,
-                         choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+                         choices=[ChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 
 
 def _call_deltas(index: int, call: Any) -> list[dict[str, Any]]:

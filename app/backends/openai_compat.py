@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -21,6 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app.backends import degrade as degrade_mod
+from app.backends.degrade import GAP_NAMES, Capabilities, Degraded, Gap, degrade
 from app.backends.retry import with_retries
 from app.bindings import Binding
 from app.errors import BackendError, BadReply, MissingDependency, SlmSwapError, UpstreamTimeout
@@ -34,6 +38,15 @@ FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 FINISH_ALIASES = {"function_call": "tool_calls", "tool_use": "tool_calls", "end_turn": "stop", "eos": "stop",
                   "stop_sequence": "stop", "max_tokens": "length", "abort": "stop"}
 SHOWN = 200  # characters of a bad reply quoted in an error
+log = logging.getLogger(__name__)
+
+
+class Unsupported(Exception):
+    """The upstream refused a request for a capability it lacks (internal: caught, learned, degraded)."""
+
+    def __init__(self, gap: Gap, detail: str):
+        super().__init__(detail)
+        self.gap, self.detail = gap, detail
 
 
 class OpenAICompatBackend:
@@ -42,6 +55,9 @@ class OpenAICompatBackend:
         # One client per event loop: an async client's connection pool belongs to the loop that opened it, and
         # this backend outlives loops (Studio's workers, sync callers that run a private loop per call).
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # What the upstream supports: declared by the binding, the rest learned from its refusals (per instance).
+        self.capabilities = Capabilities.of(binding.options)
+        self._learning = threading.Lock()
 
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -51,32 +67,107 @@ class OpenAICompatBackend:
         return self._clients[loop]
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
-        payload = _payload(req)
         with _boundary(self.binding):
-            raw = await with_retries(
-                lambda: self.client().chat.completions.with_raw_response.create(model=self.binding.target, **payload),
-                self.binding.options.max_retries)
-            http = raw.http_response
-            return read_reply(self.binding, _json_body(self.binding, http.content, http.headers.get("content-type")))
+            plan, resp = await self._attempt(req)
+            if not plan.degraded:
+                return resp
+            judged = degrade_mod.verdict(req, resp)
+            if judged.valid:
+                return resp
+            # One corrective retry, judged again by the Router with the original request's rules.
+            _, resp = await self._attempt(degrade_mod.corrective(req, resp, judged, self.capabilities))
+            return resp
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+        if degrade(req, self.capabilities).degraded:
+            yield as_chunk(await self.complete(req))  # a degraded reply is validated whole before it is sent on
+            return
         payload = _payload(req)
         seen = 0
-        with _boundary(self.binding):
-            chunks = await with_retries(
-                lambda: self.client().chat.completions.create(
-                    model=self.binding.target, stream=True, stream_options={"include_usage": True}, **payload),
-                self.binding.options.max_retries)
-            async for chunk in chunks:
-                seen += 1
-                yield read_chunk(self.binding, chunk.model_dump())
-            if not seen:
-                raise BadReply(f"{self.binding.name} ended its stream without sending a chunk; is the base_url an "
-                               "OpenAI-compatible /v1 endpoint?")
+        try:
+            with _boundary(self.binding):
+                chunks = await with_retries(
+                    lambda: self._refusal_checked(req, lambda: self.client().chat.completions.create(
+                        model=self.binding.target, stream=True, stream_options={"include_usage": True}, **payload)),
+                    self.binding.options.max_retries)
+                async for chunk in chunks:
+                    seen += 1
+                    yield read_chunk(self.binding, chunk.model_dump())
+                if not seen:
+                    raise BadReply(f"{self.binding.name} ended its stream without sending a chunk; is the base_url "
+                                   "an OpenAI-compatible /v1 endpoint?")
+        except Unsupported as refused:  # refused before its first chunk: learned, then answered degraded
+            self._learn(refused.gap, refused.detail)
+            yield as_chunk(await self.complete(req))
+
+    async def _attempt(self, req: ChatRequest) -> tuple[Degraded, ChatResponse]:
+        """Send `req` as the upstream can take it; a refusal for a missing capability is learned and the same call
+        sent again, degraded (at most once per capability)."""
+        for tries_left in range(len(GAP_NAMES), -1, -1):
+            plan = degrade(req, self.capabilities)
+            try:
+                return plan, self._read_back(plan, await self._send(plan.upstream))
+            except Unsupported as refused:
+                if not tries_left:
+                    raise BackendError(f"{self.binding.name} failed ({refused.detail}) even degraded") from None
+                self._learn(refused.gap, refused.detail)
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    async def _send(self, req: ChatRequest) -> ChatResponse:
+        payload = _payload(req)
+        raw = await with_retries(
+            lambda: self._refusal_checked(req, lambda: self.client().chat.completions.with_raw_response.create(
+                model=self.binding.target, **payload)),
+            self.binding.options.max_retries)
+        http = raw.http_response
+        return read_reply(self.binding, _json_body(self.binding, http.content, http.headers.get("content-type")))
+
+    async def _refusal_checked(self, req: ChatRequest, call: Any) -> Any:
+        """`await call()`, with a refusal for a capability not declared raised as Unsupported (never retried)."""
+        import openai
+
+        try:
+            return await call()
+        except openai.APIStatusError as exc:
+            gap = degrade_mod.unsupported(req, exc.status_code, _full_message(exc))
+            if gap is not None and getattr(self.capabilities, gap) is None:
+                said = " ".join(_status_message(exc).split())  # one line: llama-cpp-python sends tracebacks
+                raise Unsupported(gap, f"HTTP {exc.status_code}: {said or 'an empty error message'}") from None
+            raise
+
+    def _read_back(self, plan: Degraded, resp: ChatResponse) -> ChatResponse:
+        if plan.single_call and len(resp.message.tool_calls or []) > 1:
+            self._learn("parallel_tool_calls", "it answered parallel_tool_calls false with several calls")
+            return degrade_mod.first_call_only(resp)
+        return resp
+
+    def _learn(self, gap: Gap, detail: str) -> None:
+        with self._learning:
+            if getattr(self.capabilities, gap) is not None:
+                return  # declared, or learned already: said once
+            self.capabilities = self.capabilities.lacking(gap)
+        log.warning("%s does not support %s (%s); its calls are degraded from now on (see README, 'Upstreams that "
+                    "speak only part of the protocol'); declare it in the binding to skip this probe",
+                    self.binding.name, GAP_NAMES[gap], detail[:SHOWN])
+
+
+def as_chunk(resp: ChatResponse) -> ChatChunk:
+    """A whole reply as one stream chunk (a degraded call is answered whole, after it was checked)."""
+    message = resp.message
+    calls = [{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls or [])]
+    delta = {"role": "assistant", "content": message.content, "tool_calls": calls or None}
+    return ChatChunk(id=resp.id, created=resp.created, model=resp.model, usage=resp.usage,
+                     choices=[{"index": 0, "delta": delta, "finish_reason": resp.choices[0].finish_reason}])
 
 
 def _payload(req: ChatRequest) -> dict[str, Any]:
-    return req.model_dump(exclude_none=True, exclude=NOT_FORWARDED)
+    payload = req.model_dump(exclude_none=True, exclude=NOT_FORWARDED)
+    for message in payload["messages"]:
+        # An assistant turn that only calls tools goes with `content: ""`, which OpenAI takes: llama-cpp-python's
+        # server rejects null and its chatml-function-calling template fails when the key is absent.
+        if message["role"] == "assistant" and message.get("content") is None:
+            message["content"] = ""
+    return payload
 
 
 # ---- the exception boundary ----------------------------------------------------------------------------------
@@ -88,7 +179,7 @@ def _boundary(binding: Binding) -> Iterator[None]:
 
     try:
         yield
-    except SlmSwapError:
+    except (SlmSwapError, Unsupported):  # Unsupported is the backend's own, caught and learned by its caller
         raise
     except openai.APITimeoutError:
         opts = binding.options
@@ -116,6 +207,14 @@ def _status_message(exc: Any) -> str:
         if isinstance(message, str):
             return message[:SHOWN]
     return str(getattr(exc, "message", "") or type(exc).__name__)[:SHOWN]
+
+
+def _full_message(exc: Any) -> str:
+    """The whole error message (not cut to SHOWN): the word that names a missing capability may come late."""
+    body = getattr(exc, "body", None)
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    message = inner.get("message") if isinstance(inner, dict) else None
+    return message if isinstance(message, str) else str(body or "")
 
 
 def _where(binding: Binding) -> str:

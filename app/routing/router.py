@@ -170,7 +170,7 @@ class Router:
         """Validate, price and capture a finished attempt."""
         verdict = verdict_of(req, resp)
         usage = resp.usage
-        confidence = resp.choices[0].model_extra.get("confidence") if resp.choices[0].model_extra else None
+        confidence = resp.choices[0].confidence
         if (verdict.valid and info.role != "teacher" and route.min_confidence is not None
                 and isinstance(confidence, (int, float)) and confidence < route.min_confidence):
             verdict = Verdict(False, "low_confidence",

@@ -21,7 +21,7 @@ from app.wire import ChatChunk, ChatRequest, ChatResponse, ErrorBody, ErrorRespo
 log = logging.getLogger("slmswap.server")
 
 # Fields we accept and pass on (or use); anything else a client sends is logged once and ignored.
-USED = set(ChatRequest.model_fields) | {"stream_options", "logprobs", "top_logprobs"}
+USED = set(ChatRequest.model_fields) | {"stream_options"}
 _IGNORED_SEEN: set[str] = set()
 _IGNORED_LOCK = threading.Lock()
 
@@ -111,8 +111,9 @@ def response_json(resp: ChatResponse, model: str) -> dict[str, Any]:
     data = resp.model_dump(exclude={"slmswap"}, exclude_none=True)
     data["model"] = model
     data["usage"].pop("source", None)
-    for choice in data["choices"]:
-        choice.setdefault("logprobs", None)
+    for choice, original in zip(data["choices"], resp.choices):
+        choice.pop("confidence", None)  # ours: it travels in the x-slmswap-confidence header
+        choice["logprobs"] = original.logprobs.model_dump() if original.logprobs is not None else None
         choice["message"].setdefault("content", None)
     return data
 

@@ -124,7 +124,10 @@ class Proxy:
             raise
         self.release(route)
         self.metrics.answered(resp.slmswap, route, resp.usage, time.perf_counter() - started)
-        return JSONResponse(response_json(resp, req.model), headers=who(resp.slmswap))
+        headers = who(resp.slmswap)
+        if resp.choices[0].confidence is not None:
+            headers["x-slmswap-confidence"] = f"{resp.choices[0].confidence:.4f}"
+        return JSONResponse(response_json(resp, req.model), headers=headers)
 
     async def stream(self, req: ChatRequest, body: dict[str, Any], ctx: CallContext, started: float) -> Response:
         """SSE in OpenAI's shape. Errors before the first chunk are a normal error response; after it, an error

@@ -1,0 +1,1 @@
+"""Helpers of the benchmarks that run real processes: a canned upstream, a loopback load generator, process control."""
