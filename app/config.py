@@ -49,6 +49,7 @@ class RouteConfig(Section):
     auto: bool = True  # let the gates move the stage; false freezes it
     # Fall back to the teacher when the student's mean token log-probability is under this (None: never).
     min_confidence: float | None = Field(None, le=0.0)
+    repair: bool = False  # apply app/repair.py's deterministic fixes to answers (the raw output is kept)
 
 
 class RolloutConfig(Section):

@@ -25,7 +25,7 @@ from app import hermes
 from app.capture.records import request_payload, response_payload
 from app.detectors import find_renames
 from app.hermes import FormatError, ParsedCall
-from app.validation import _looks_like_call, _schemas_by_name, _validator, validate_output
+from app.validation import _looks_like_call, _schemas_by_name, _validator, validate_answer
 from app.wire import AssistantMessage, ChatRequest, ChatResponse, ToolCall
 
 REPAIRS = ("strip_fence", "strip_prose", "close_tag", "tag_form", "wrap_call", "rename", "coerce")
@@ -66,14 +66,12 @@ def _wants_json(fmt: Any) -> bool:
 
 
 def _valid(out: Mapping[str, Any], request: Mapping[str, Any]) -> bool:
-    """validate_output's verdict, and the Router's rule that structured output cut at max_tokens is invalid."""
+    """The verdict the Router gives the same output (validate_answer)."""
     params = request.get("params") or {}
-    verdict = validate_output(content=out.get("content"), tool_calls=out.get("tool_calls"),
-                              tools=request.get("tools"), tool_choice=request.get("tool_choice"),
-                              response_format=request.get("response_format"),
-                              parallel_tool_calls=params.get("parallel_tool_calls"))
-    structured = request.get("response_format") or out.get("tool_calls") or verdict.calls
-    return verdict.valid and not (out.get("finish_reason") == "length" and structured)
+    return validate_answer(content=out.get("content"), tool_calls=out.get("tool_calls"),
+                           finish_reason=out.get("finish_reason"), tools=request.get("tools"),
+                           tool_choice=request.get("tool_choice"), response_format=request.get("response_format"),
+                           parallel_tool_calls=params.get("parallel_tool_calls")).valid
 
 
 # ---- arguments and values ---------------------------------------------------------------------------------

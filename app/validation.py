@@ -90,6 +90,16 @@ def validate_output(
         return Verdict(False, r.error_type, r.detail, r.calls, r.value)
 
 
+def validate_answer(*, finish_reason: str | None, **output_and_request: Any) -> Verdict:
+    """`validate_output` plus the one rule about how the answer ended: structured output (a call, or JSON asked for
+    by response_format) cut at max_tokens is invalid even when the cut prefix parses. Router and repair both use it."""
+    verdict = validate_output(**output_and_request)
+    structured = output_and_request.get("response_format") or output_and_request.get("tool_calls") or verdict.calls
+    if finish_reason == "length" and verdict.valid and structured:
+        return Verdict(False, "invalid_json", "output cut at max_tokens", verdict.calls, verdict.value)
+    return verdict
+
+
 def parse_calls(*, content: str | list | None, tool_calls: list[dict] | None) -> Verdict:
     """Read tool calls in any of the three forms without checking them against tools (format errors only)."""
     try:

@@ -1,6 +1,7 @@
 """The Router over a real SQLite store, with a scripted backend forcing the model's words."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -153,3 +154,20 @@ def test_a_stream_the_client_abandons_is_captured_as_aborted_with_what_it_had(ro
     [row] = router.store.list_calls()
     assert (row.valid, row.error_type, row.run_id) == (False, "aborted", "run1")
     assert row.response["content"] == "one "  # the part it had streamed
+
+
+def test_a_route_with_repair_on_answers_the_repaired_output_and_keeps_the_raw_one(tmp_path, monkeypatch, scripted):
+    from pathlib import Path
+
+    Path("slmswap.toml").write_text('[routes.fmt]\nteacher = "scripted:r"\nrepair = true\n')
+    store = CaptureStore.open(f"sqlite:///{tmp_path}/repair.db")
+    router = Router(load_settings(), store)
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}
+    scripted("r").enqueue('```json\n{"n": "3"}\n```')
+    resp = asyncio.run(router.complete(request(model="fmt", response_format=schema), CallContext(route="fmt")))
+    [row] = store.list_calls()
+    store.close()
+    assert json.loads(resp.message.content) == {"n": 3} and resp.slmswap.valid
+    assert row.valid and row.response["raw"]["content"] == '```json\n{"n": "3"}\n```'
+    assert row.response["repairs"] == ["strip_fence", "coerce"]

@@ -25,11 +25,12 @@ from app.capture.records import CallRecord, Role, request_payload, response_payl
 from app.config import Settings
 from app.cost import cost_usd
 from app.errors import BackendError, BadReply, SlmSwapError
+from app.repair import repair_response
 from app.routing.breaker import Breakers, CircuitOpen
 from app.routing.context import CallContext
 from app.routing.rollout import agreement, decide, judge_stage
 from app.routing.routes import Route, RouteStates, gates
-from app.validation import Verdict, validate_output
+from app.validation import Verdict, validate_answer
 from app.wire import AssistantMessage, CallInfo, ChatChunk, ChatRequest, ChatResponse, Choice, ToolCall, Usage
 
 
@@ -158,7 +159,7 @@ class Router:
         self.breakers.record(binding.name, ok=True)
         info.latency_ms = (time.perf_counter() - started) * 1000
         attempt = await self._judge(req, ctx, route, info, binding, resp, parent, reference)
-        resp.model, resp.slmswap = binding.name, info
+        attempt.response.model, attempt.response.slmswap = binding.name, info
         return attempt
 
     def _info(self, ctx: CallContext, route: Route, role: Role, binding: Binding) -> CallInfo:
@@ -167,7 +168,10 @@ class Router:
 
     async def _judge(self, req: ChatRequest, ctx: CallContext, route: Route, info: CallInfo, binding: Binding,
                      resp: ChatResponse, parent: Attempt | None, reference: Attempt | None) -> Attempt:
-        """Validate, price and capture a finished attempt."""
+        """Repair (where the route asks), validate, price and capture a finished attempt."""
+        raw, repairs = resp, []
+        if route.repair:
+            resp, repairs = repair_response(req, resp)
         verdict = verdict_of(req, resp)
         usage = resp.usage
         confidence = resp.choices[0].confidence
@@ -184,7 +188,10 @@ class Router:
         # A local teacher is priced on this attempt's compute time: the best estimate there is of its own.
         teacher_cost = info.teacher_cost_usd = cost_usd(route.teacher, usage.prompt_tokens, usage.completion_tokens,
                                                         seconds, rate)
-        record = self._record(req, ctx, info, response_payload(resp), usage, teacher_cost, parent, agreed)
+        payload = response_payload(resp)
+        if repairs:  # the raw output stays measurable beside the repaired one
+            payload.update(raw=response_payload(raw), repairs=repairs)
+        record = self._record(req, ctx, info, payload, usage, teacher_cost, parent, agreed)
         if self.store is not None and ctx.capture:
             await self.store.arecord(record)
         self._after_judged(route, info.role)
@@ -297,17 +304,12 @@ class Router:
 
 
 def verdict_of(req: ChatRequest, resp: ChatResponse) -> Verdict:
-    """The output's verdict against its request; structured output cut at max_tokens is invalid."""
-    message, finish_reason = resp.message, resp.choices[0].finish_reason
+    """The answer's verdict against its request (`validate_answer`: cut structured output is invalid)."""
+    message = resp.message
     tool_calls = [tc.model_dump() for tc in message.tool_calls or []]
-    verdict = validate_output(
-        content=message.content, tool_calls=tool_calls or None, tools=req.tool_dicts() or None,
-        tool_choice=req.tool_choice, response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
-    )
-    if finish_reason == "length" and verdict.valid and (req.response_format or message.tool_calls):
-        # Structured output cut short may still parse (a closed prefix); it is not what was asked for.
-        return Verdict(False, "invalid_json", "output cut at max_tokens", (), None)
-    return verdict
+    return validate_answer(content=message.content, tool_calls=tool_calls or None, finish_reason=resp.choices[0].finish_reason,
+                           tools=req.tool_dicts() or None, tool_choice=req.tool_choice,
+                           response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
 
 
 def checked_reply(binding: Binding, resp: Any) -> ChatResponse:

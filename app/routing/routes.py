@@ -29,6 +29,7 @@ class Route:
     stage: Stage = "teacher"
     auto: bool = True
     min_confidence: float | None = None
+    repair: bool = False
     since: datetime | None = None  # when the stored stage began (None: never changed from config)
     version: int = 0
 
@@ -43,6 +44,7 @@ def build_route(settings: Settings, name: str) -> Route:
         stage=cfg.stage,
         auto=cfg.auto,
         min_confidence=cfg.min_confidence,
+        repair=cfg.repair,
     )
 
 
