@@ -49,3 +49,11 @@ def postgres():
 def postgres_url(postgres) -> str:
     """A fresh, empty PostgreSQL database of its own for this test."""
     return postgres.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A store URL per database the store is tested on: a SQLite file in a new folder, or a fresh PostgreSQL one."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'nested' / 'capture.db'}"

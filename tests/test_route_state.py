@@ -17,15 +17,8 @@ from app.errors import UsageError
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite:///{tmp_path}/c.db"
-
-
 @pytest.fixture
-def store(store_url):
+def store(store_url):  # store_url (tests/conftest.py): SQLite and PostgreSQL
     with CaptureStore.open(store_url) as s:
         yield s
 

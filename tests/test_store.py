@@ -27,13 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-live0123456789abcdefXYZ"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite:///{tmp_path / 'nested' / 'capture.db'}"
-
-
 @pytest.fixture
 def store(store_url):
     with CaptureStore.open(store_url) as s:
