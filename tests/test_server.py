@@ -258,7 +258,8 @@ def test_metrics_and_health(proxy, scripted):
     url, _ = proxy
     scripted("teacher").default = "ok"
     post(url, ask())
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # keys are configured: a scraper sends one too
+    text = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
     assert 'slmswap_requests_total{role="teacher",route="support",status="ok"} 1.0' in text
     assert 'slmswap_stage{route="support"} 0.0' in text and "slmswap_request_latency_seconds_bucket" in text
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
@@ -293,13 +294,15 @@ def test_a_client_that_leaves_mid_stream_cancels_the_upstream_and_the_call_is_ab
     register_backend("dribble", _Dribble, pricing="local")
     Path("slmswap.toml").write_text('[routes.support]\nteacher = "dribble:x"\n')
     services = Services.from_settings(load_settings())
-    with serve(create_app(services.settings, services)) as url:
+    app = create_app(services.settings, services)
+    with serve(app) as url:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=ask(stream=True)) as resp:
             assert resp.headers["x-slmswap-binding"] == "dribble:x"
             assert "first" in next(resp.iter_lines())
         assert _Dribble.closed.wait(30)  # the server closed the backend's stream when the client left
         services.store.flush()
         [call] = services.store.list_calls()
+    assert app.state.proxy.in_flight["support"] == 0  # and gave the route's slot back
     services.close()
     assert (call.valid, call.error_type, call.response["content"]) == (False, "aborted", "first")
 
@@ -351,3 +354,16 @@ def test_proxy_calls_are_traced_to_langfuse_when_configured(scripted, monkeypatc
     meta = observation_metadata(span)
     assert (meta["agent"], meta["binding"], meta["valid"]) == ("support", "scripted:teacher", True)
     assert "traced answer" in json.dumps(span["attributes"])
+
+
+def test_a_finished_stream_frees_its_routes_slot(scripted):
+    write_config(max_concurrency=1)
+    services = Services.from_settings(load_settings())
+    scripted("teacher").default = "a few words"
+    app = create_app(services.settings, services)
+    with serve(app) as url:
+        for _ in range(3):  # one slot: each stream must give it back for the next to get in
+            chunks = list(client(url).chat.completions.create(**ask(stream=True)))
+            assert chunks
+        assert app.state.proxy.in_flight["support"] == 0
+    services.close()

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
@@ -133,6 +134,14 @@ class Proxy:
         """SSE in OpenAI's shape. Errors before the first chunk are a normal error response; after it, an error
         event and [DONE] (the status line has gone out)."""
         chunks = self.router.stream(req, ctx)
+        released = False
+
+        def release_once() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.release(ctx.route)
+
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
@@ -162,9 +171,11 @@ class Proxy:
                 # A client that went away cancels this generator; closing the Router's stream cancels the model's
                 # and captures the call as aborted. Shielded: the cancellation must not cut the closing short.
                 await asyncio.shield(chunks.aclose())
-                self.release(ctx.route)
+                release_once()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=who(first.slmswap))
+        # The background task frees the route's slot even when the body never started (a client gone at once).
+        return StreamingResponse(events(), media_type="text/event-stream", headers=who(first.slmswap),
+                                 background=BackgroundTask(release_once))
 
 
 async def _prepend(first: ChatChunk, rest):
@@ -217,7 +228,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         return {"status": "ok", "routes": len(settings.route_names()), "capture": services.store is not None}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        proxy.authenticate(request)  # route names and spend are not for anyone who can reach the port
         text = await asyncio.to_thread(proxy.metrics.render, proxy.router, settings.route_names())
         return Response(text, media_type="text/plain; version=0.0.4")
 
