@@ -6,14 +6,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from app.capture.store import CaptureStore
 from app.local_models import resolve_model
-from tests.support.http import free_port
+from tests.support.http import free_port, wait_until_up
 from tests.support.requires import require
 from tests.test_cli import slmswap
 
@@ -34,7 +32,8 @@ def llamacpp_server(tmp_path):
          "--n_threads", str(min(2, os.cpu_count() or 1))],
         stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_until_up(proc, f"http://127.0.0.1:{port}/v1/models", tmp_path / "llama_cpp.server.log")
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", proc, "llama_cpp.server",
+                      (tmp_path / "llama_cpp.server.log").read_text, START_S)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
@@ -44,19 +43,6 @@ def llamacpp_server(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
-
-
-def _wait_until_up(proc, url, log_path):
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited ({proc.returncode}):\n{log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"llama_cpp.server did not answer {url} within {START_S} s:\n{log_path.read_text()[-2000:]}")
 
 
 def test_workflow_on_llamacpp_server_degrades_and_every_call_is_valid(llamacpp_server, capsys, monkeypatch, caplog):

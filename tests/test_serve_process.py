@@ -8,14 +8,13 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from app.capture.store import CaptureStore
 from tests.conftest import ROOT
 from tests.support.faults import Faults
-from tests.support.http import free_port, serve
+from tests.support.http import free_port, serve, wait_until_up
 
 CLI = "from app.cli import main; main()"
 
@@ -27,17 +26,7 @@ def start(workdir: Path, port: int, *args: str) -> subprocess.Popen:
 
 
 def wait_ready(proc: subprocess.Popen, port: int) -> None:
-    """Poll /healthz until it answers; a process that exits first fails with its output (bounded, not timed)."""
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise AssertionError(f"slmswap serve exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("slmswap serve did not come up")
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, "slmswap serve", proc.stdout.read)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -13,16 +13,15 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.capture.store import CaptureStore
 from app.errors import ConfigError, UsageError
 from app.studio import GRAPH_CONFIG, OFFLINE_ENV, run_studio, server_args
 from tests.conftest import ROOT
+from tests.support.http import wait_until_up
 from tests.support.studio_graph import ANSWER, PLAN
 
 AGENTS = ("orchestrator", "retrieval", "processing", "validation", "formatting", "aggregate")
@@ -50,20 +49,6 @@ def write_project(workdir: Path) -> tuple[Path, Path]:
     return config, graph_config
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"langgraph dev exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ok", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"langgraph dev not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-
-
 def stop(proc: subprocess.Popen) -> None:
     """Stop the server and anything it started (its own process group)."""
     for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
@@ -88,7 +73,7 @@ def server(tmp_path_factory):
     with log.open("w") as out:
         proc = subprocess.Popen(argv, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, log)
+        wait_until_up(f"http://127.0.0.1:{port}/ok", proc, "langgraph dev", log.read_text, READY_TIMEOUT_S)
         yield f"http://127.0.0.1:{port}", workdir
     finally:
         stop(proc)

@@ -7,6 +7,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+import httpx
+import pytest
 import uvicorn
 
 
@@ -32,3 +34,19 @@ def serve(app, port: int | None = None):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_until_up(url: str, proc, what: str, output=lambda: "", timeout_s: float = 120.0) -> None:
+    """Poll `url` until it answers 200. A process that exits first, or never answers within `timeout_s` (a bound,
+    not a timing assumption), fails the test with the end of its output."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{output()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not answer {url} within {timeout_s:g} s:\n{output()[-3000:]}")
