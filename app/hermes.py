@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.wire import FunctionCall, ToolCall
+
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 
@@ -117,6 +119,11 @@ def split_output(text: str) -> tuple[str | None, list[ParsedCall]]:
         return text, []
     start = _BLOCK.search(text).start()  # type: ignore[union-attr]
     return text[:start].strip() or None, list(calls)
+
+
+def to_tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
+    """Parsed calls as OpenAI `tool_calls` (arguments as a JSON string, a fresh id each)."""
+    return [ToolCall(function=FunctionCall(name=c.name, arguments=json.dumps(c.arguments))) for c in calls]
 
 
 def _parse_block(attrs: str, body: str) -> list[ParsedCall]:

@@ -311,5 +311,5 @@ def _message(out: Mapping[str, Any], tools: bool, finish: str | None) -> tuple[A
     content, calls = hermes.split_output(out.get("content") or "") if tools else (out.get("content"), [])
     if not calls:
         return AssistantMessage(content=out.get("content")), finish
-    tool_calls = [ToolCall(function={"name": c.name, "arguments": json.dumps(c.arguments)}) for c in calls]
-    return AssistantMessage(content=content, tool_calls=tool_calls), "tool_calls" if finish != "length" else finish
+    return AssistantMessage(content=content, tool_calls=hermes.to_tool_calls(calls)), \
+        "tool_calls" if finish != "length" else finish

@@ -7,12 +7,11 @@ results are written and read by the one Hermes codec, `app/hermes.py`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from app import hermes
-from app.wire import FunctionCall, Message, ToolCall
+from app.wire import Message, ToolCall
 
 Family = Literal["chatml", "gemma"]
 
@@ -99,7 +98,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     (None, 'f', '{"x": 1}')
     """
     content, calls = hermes.split_output(text)
-    return content, [ToolCall(function=FunctionCall(name=c.name, arguments=json.dumps(c.arguments))) for c in calls]
+    return content, hermes.to_tool_calls(calls)
 
 
 def held_back(text: str, markers: list[str]) -> int:
