@@ -62,11 +62,20 @@ class RouteStates:
         self._stored: dict[str, RouteStateRecord] = {}
         self._version: int | None = None
         self._checked = float("-inf")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # Routes built for the current view of the store: every call asks, and parsing bindings is not free.
+        self._routes: dict[str, Route] = {}
 
     def get(self, name: str) -> Route:
+        with self._lock:  # one view: a route is never cached from a state older than the cache it lands in
+            stored = self._current()
+            route = self._routes.get(name)
+            if route is None:
+                route = self._routes[name] = self._build(name, stored.get(name))
+            return route
+
+    def _build(self, name: str, stored: RouteStateRecord | None) -> Route:
         base = build_route(self.settings, name)
-        stored = self._current().get(name)
         if stored is None:
             return base
         student = self.settings.binding(stored.student) if stored.student else base.student
@@ -103,7 +112,7 @@ class RouteStates:
 
     def _current(self) -> dict[str, RouteStateRecord]:
         if self.store is None:
-            return {}
+            return self._stored  # always empty: config alone
         with self._lock:
             now = time.monotonic()
             if now - self._checked < self.refresh_s:
@@ -112,4 +121,5 @@ class RouteStates:
             version = self.store.route_state_version()
             if version != self._version:
                 self._stored, self._version = self.store.route_states(), version
+                self._routes = {}
             return self._stored
