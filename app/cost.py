@@ -34,12 +34,19 @@ def price(binding: Binding) -> tuple[float, float]:
     from the table is priced as gpt-4 (teams move off GPT-4 class deployments, whose names say nothing). A binding
     kind that no backend registered raises BindingError rather than being priced by guess.
     """
-    opts = binding.options
-    if opts.price_in is not None or opts.price_out is not None:
-        return (opts.price_in or 0.0, opts.price_out or 0.0)
+    explicit = _explicit_price(binding)
+    if explicit is not None:
+        return explicit
     if pricing_of(binding.kind) == "local":
         return (0.0, 0.0)
     return PRICES.get(_model_key(binding.target), PRICES["gpt-4"])
+
+
+def _explicit_price(binding: Binding) -> tuple[float, float] | None:
+    opts = binding.options
+    if opts.price_in is None and opts.price_out is None:
+        return None
+    return (opts.price_in or 0.0, opts.price_out or 0.0)
 
 
 def cost_usd(binding: Binding, prompt_tokens: int, completion_tokens: int, seconds: float = 0.0,
@@ -52,12 +59,11 @@ def cost_usd(binding: Binding, prompt_tokens: int, completion_tokens: int, secon
     >>> round(cost_usd(parse_binding("gguf:smollm2-135m"), 1000, 500, seconds=36.0, usd_per_hour=1.0), 6)
     0.01
     """
+    if pricing_of(binding.kind) == "local" and _explicit_price(binding) is None:
+        rate = getattr(binding.options, "usd_per_hour", None)
+        return (usd_per_hour if rate is None else rate) * seconds / 3600
     p_in, p_out = price(binding)
-    tokens = (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
-    if pricing_of(binding.kind) != "local" or binding.options.price_in is not None or binding.options.price_out is not None:
-        return tokens
-    rate = getattr(binding.options, "usd_per_hour", None)
-    return (usd_per_hour if rate is None else rate) * seconds / 3600
+    return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
 
 
 def _model_key(target: str) -> str:

@@ -8,6 +8,7 @@ graph node.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -237,8 +238,6 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
 
 
 def _store_feedback(services: Services, raw: bytes) -> dict:
-    import json
-
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
