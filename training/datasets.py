@@ -24,7 +24,8 @@ from app.capture.records import CallRecord
 from app.errors import UsageError
 from app.toolplan import plan_tools
 from app.wire import Message, Tool
-from training.suites import BFCL_HELD_OUT, is_held_out
+from app.holdout import is_held_out
+from training.suites import BFCL_HELD_OUT
 
 Format = Literal["hermes", "openai"]
 FORMATS = ("hermes", "openai")

@@ -11,7 +11,6 @@ Splits that matter for later issues:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,13 +20,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.config import decode_utf8
+from app.holdout import HELD_OUT_PERCENT, is_held_out  # noqa: F401 (re-exported: the one rule lives in app/)
 from app.errors import UsageError
 from app.validation import ParsedCall
 from app.wire import Message, Tool
 
 SUITE_KINDS = ("bfcl:<category>", "captured:<agent>", "jsonl:<path>", "workflow:<path>")
 BFCL_HELD_OUT = {"simple_python": range(300, 400)}
-HELD_OUT_PERCENT = 20
 # In these categories the question is whether to call at all, so the model must be free not to.
 BFCL_WHETHER_TO_CALL = ("irrelevance", "live_irrelevance", "live_relevance")
 
@@ -132,15 +131,6 @@ def _bfcl_notes(category: str, offset: int, limit: int | None) -> list[str]:
 
 _CAPTURED_NOTE = (f"captured calls: the held-out {HELD_OUT_PERCENT}% by sha256(call id), answered by the route's "
                   "teacher; its output is the reference")
-
-
-def is_held_out(call_id: str, percent: int = HELD_OUT_PERCENT) -> bool:
-    """Whether a captured call belongs to the evaluation split (stable: a hash of its id only).
-
-    >>> is_held_out("0" * 32), is_held_out("9" * 32)
-    (False, True)
-    """
-    return int(hashlib.sha256(call_id.encode()).hexdigest()[:8], 16) % 100 < percent
 
 
 def _captured_items(agent: str, store: Any, settings: Any) -> list[EvalItem]:
