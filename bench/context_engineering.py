@@ -23,19 +23,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+from app import hermes
 from app.capture.records import request_payload
 from app.config import load_settings
 from app.detectors import detect
 from app.repair import repair
 from app.validation import parse_calls
-from prompts.evolve import Example, Observation, evolve, fill_examples, quarter_findings
-from prompts.examples import ExampleIndex
+from prompts.evolve import EXAMPLES_VAR, TOOLS_VAR, Observation, evolve, example_of, quarter_findings
+from prompts.examples import ExampleIndex, with_example_turns
 from training.evaluate import (EVAL_ROUTE, EvalOptions, EvalRouter, ModelRun, build_request, eval_settings,
                                item_row, run_items, score)
 from training.suites import EvalItem, load_suite
@@ -54,14 +57,33 @@ class Answer:
 
 # ---- running a template over items ------------------------------------------------------------------------
 
+Prepare = Callable[[EvalItem], tuple[dict[str, str], EvalItem]]  # item -> (template {"id", "text"}, item to send)
+
+
+def rendered(template: dict[str, str], index: ExampleIndex | None, k: int) -> Prepare:
+    """A template made ready per item: `{{tools}}` filled with the item's tool list (what the prompt layer does),
+    `{{examples}}` with the k most similar valid calls as conversation turns (the item's own answer excluded)."""
+
+    def prepare(item: EvalItem) -> tuple[dict[str, str], EvalItem]:
+        text = template["text"].replace(TOOLS_VAR, hermes.tools_prompt([t["function"] for t in item.tools or []]))
+        if EXAMPLES_VAR in text:
+            query = next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), "")
+            shots = index.nearest(query, k, exclude=item.id) if index is not None else []
+            text = text.replace(EXAMPLES_VAR, "").strip()
+            item = dataclasses.replace(item, messages=with_example_turns(item.messages, shots))
+        return {"id": template["id"], "text": text}, item
+
+    return prepare
+
+
 async def answer(router: EvalRouter, items: list[EvalItem], decoding: str, max_tokens: int,
-                 template_for) -> list[Answer]:
-    """Each item asked with `template_for(item)` (a {"id", "text"}), through evaluate's request and row."""
+                 prepare: Prepare) -> list[Answer]:
+    """Each item asked as `prepare` makes it, through evaluate's request and row."""
     answers: dict[str, Answer] = {}
 
     async def ask(item: EvalItem, binding: str) -> dict[str, Any]:
-        template = template_for(item)
-        req = build_request(item, decoding, max_tokens, template)
+        template, sent = prepare(item)
+        req = build_request(sent, decoding, max_tokens, template)
         resp = await router.complete(req, CallContext(route=EVAL_ROUTE, template_id=template["id"], source="eval"))
         row = item_row(item, binding, resp)
         answers[item.id] = Answer(item, request_payload(req), row)
@@ -101,6 +123,7 @@ def _repaired(a: Answer) -> tuple[bool, bool]:
 
 
 def posterior_mean(answers: list[Answer]) -> float:
+    """Mean of Beta(valid + 1, invalid + 1): what selection ranks templates by."""
     valid = sum(a.row["valid"] for a in answers)
     return (valid + 1) / (len(answers) + 2)
 
@@ -114,44 +137,54 @@ async def bench_model(binding: str, args: argparse.Namespace) -> dict[str, Any]:
     test_items = load_suite(SUITE, offset=args.test_offset, limit=args.test).items
     decodings = ("free",) if args.no_constrained else ("free", "constrained")
     started, log = time.perf_counter(), _logger(binding)
-    base = lambda item: BASE  # noqa: E731
+    ask = lambda d, items, t: answer(routers[d], items, d, args.max_tokens, rendered(t, index, args.k))  # noqa: E731
 
-    evo = {d: await answer(routers[d], evo_items, d, args.max_tokens, base) for d in decodings}
-    log(f"base on the evolution slice: " + ", ".join(f"{d} {rates(evo[d])['valid']:.0%} valid" for d in decodings))
-    observed = [observation(a) for a in evo["free"]]
+    index = ExampleIndex()
+    evo = {d: await ask(d, evo_items, BASE) for d in decodings}
+    log("base on the evolution slice: " + ", ".join(f"{d} {rates(evo[d])['valid']:.0%} valid" for d in decodings))
     pool = [o for d in decodings for o in map(observation, evo[d]) if not o.failed]
-    static = evolve(BASE["text"], observed + pool, k=args.k)
-    if static.text is None:
-        log(static.reason)
-        child = None
-    else:
-        child = {"id": "bfcl/evolved@1", "text": static.text}
-        log(f"evolved: {static.reason}\n{static.text}\n")
-    child_evo = await answer(routers["free"], evo_items, "free", args.max_tokens, lambda i: child) if child else []
-    scores = {"base": posterior_mean(evo["free"])} | ({"evolved": posterior_mean(child_evo)} if child else {})
-    selected = child if child and scores["evolved"] > scores["base"] else BASE
+    current, current_answers = BASE, evo["free"]
+    scores, templates, lineage = {BASE["id"]: posterior_mean(evo["free"])}, {BASE["id"]: BASE}, []
+    for generation in range(1, args.generations + 1):
+        index.add(e for e in map(example_of, pool) if e is not None)
+        observed = [observation(a) for a in current_answers]
+        children = {"static": evolve(current["text"], observed + pool, k=args.k),
+                    "dynamic": evolve(current["text"], observed, k=0, dynamic=True)}
+        tried = {}
+        for kind, child in children.items():
+            if child.text is None:
+                log(f"generation {generation}, {kind}: {child.reason}")
+                continue
+            template = {"id": f"bfcl/evolved-g{generation}-{kind}", "text": child.text}
+            tried[template["id"]] = await ask("free", evo_items, template)
+            templates[template["id"]], scores[template["id"]] = template, posterior_mean(tried[template["id"]])
+            pool += [o for o in map(observation, tried[template["id"]]) if not o.failed]
+            log(f"generation {generation}, {kind}: {child.reason}; evolution slice "
+                f"{rates(tried[template['id']])['valid']:.0%} valid\n{child.text}\n")
+        order = {t: i for i, t in enumerate(scores)}  # a tie goes to the newer template: evolution goes on
+        best = max(scores, key=lambda t: (scores[t], order[t]))
+        lineage.append({"generation": generation, "scores": dict(scores), "best": best})
+        if best == current["id"]:
+            break
+        current, current_answers = templates[best], tried[best]
+    selected = current
     log(f"selection (posterior mean of validity on the evolution slice): {scores} -> {selected['id']}")
-
-    index = ExampleIndex(Example(o.request["messages"][-1]["content"], o.output["content"], o.call_id) for o in pool)
-    dynamic_text = evolve(BASE["text"], observed, k=0, dynamic=True).text or BASE["text"] + "\n\n{{examples}}"
-
-    def dynamic(item: EvalItem) -> dict[str, str]:
-        query = item.messages[-1]["content"] if item.messages else ""
-        return {"id": "bfcl/dynamic@1", "text": fill_examples(dynamic_text, index.nearest(query, args.k))}
+    index.add(e for e in map(example_of, pool) if e is not None)
 
     result: dict[str, Any] = {"n": len(test_items), "evolve_n": len(evo_items), "selected": selected["id"],
-                              "rules": [r.text for r in static.rules], "static_examples": len(static.examples)}
+                              "selected_text": selected["text"], "lineage": lineage, "examples_indexed": len(index)}
     for d in decodings:
-        base_answers = await answer(routers[d], test_items, d, args.max_tokens, base)
-        sel_answers = base_answers if selected is BASE else \
-            await answer(routers[d], test_items, d, args.max_tokens, lambda i: selected)
-        dyn_answers = await answer(routers[d], test_items, d, args.max_tokens, dynamic)
-        for name, answers in (("base", base_answers), ("selected", sel_answers), ("dynamic", dyn_answers)):
+        base_answers = await ask(d, test_items, BASE)
+        sel_answers = base_answers if selected is BASE else await ask(d, test_items, selected)
+        variants = [("base", base_answers), ("selected", sel_answers)]
+        if EXAMPLES_VAR not in selected["text"]:  # the selected rules with dynamic examples beside it
+            dyn = {"id": selected["id"] + "+dynamic", "text": selected["text"] + "\n\n" + EXAMPLES_VAR}
+            variants.append(("dynamic", await ask(d, test_items, dyn)))
+        for name, answers in variants:
             for key, value in rates(answers).items():
                 result[f"{d}_{name}_{key}"] = round(value, 4)
         log(f"test slice, {d}: " + ", ".join(f"{n} {result[f'{d}_{n}_valid']:.0%} valid "
-                                             f"{result[f'{d}_{n}_exact']:.0%} exact"
-                                             for n in ("base", "selected", "dynamic")))
+                                             f"{result[f'{d}_{n}_exact']:.0%} exact" for n, _ in variants))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -172,7 +205,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                     cells = [f"{r[f'{d}_{name}_{k}']:.0%}" for k in ("valid", "exact", "repaired_valid",
                                                                       "repaired_exact")]
                     label = {"base": "base", "selected": f"selected ({r['selected']})",
-                             "dynamic": "rules + dynamic examples"}[name]
+                             "dynamic": "selected + dynamic examples"}[name]
                     lines.append(f"| {binding} | {d} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -193,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test", type=int, default=30, help="items in the fresh test slice")
     parser.add_argument("--test-offset", type=int, default=100, help="first item of the test slice")
     parser.add_argument("--k", type=int, default=2, help="worked examples per template")
+    parser.add_argument("--generations", type=int, default=2, help="rounds of evolve, then select")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--no-constrained", action="store_true", help="free decoding only")
     args = parser.parse_args(argv)

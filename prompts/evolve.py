@@ -21,10 +21,11 @@ from app.detectors import Finding, detect
 from app.errors import UsageError
 from app.holdout import is_held_out
 
-EXAMPLES_VAR = "{{examples}}"
+EXAMPLES_VAR, TOOLS_VAR = "{{examples}}", "{{tools}}"
 RULES_HEADING = "Rules (learned from failing calls):"
 EXAMPLES_HEADING = "Worked examples:"
 MAX_RULES = 8
+GENERALISE_AT = 3
 # The evolver's own pattern: a quarter asked for, one month of it queried ("Q4" → month = '2025-10').
 _QUARTER = re.compile(r"\bQ([1-4])\b", re.I)
 _MONTH_EQ = re.compile(r"month\s*=\s*'(\d{4})-(\d{2})'", re.I)
@@ -143,8 +144,35 @@ def dominant_rules(failures: list[Observation], max_rules: int = MAX_RULES) -> l
                 seen.add(text)
                 counted[text] += 1
                 kinds.setdefault(text, f.error_type)
+    counted, kinds = _generalised(counted, kinds)
     ordered = sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))
     return [Rule(kinds[t], t, n) for t, n in ordered[:max_rules]]
+
+
+GENERIC = {
+    "unknown_function": "Call only a function listed in <tools>, with its exact name; never invent a name.",
+    "missing_required": "Always give every required parameter of the function you call.",
+    "unknown_parameter": "Use only the parameter names the function's signature lists.",
+    "type_mismatch": "Give each argument the type its signature says: numbers unquoted, strings quoted.",
+    "enum_violation": "Where a parameter lists allowed values (enum), use one of them exactly.",
+}
+
+
+def _generalised(counted: Counter[str], kinds: dict[str, str]) -> tuple[Counter[str], dict[str, str]]:
+    """A pattern seen with different evidence in GENERALISE_AT or more calls, none of it twice, gets one general
+    rule instead (`unknown function f`, `g`, `h`, each once, says "call only listed functions", not three names)."""
+    out, out_kinds = Counter(), {}
+    by_kind: dict[str, list[str]] = {}
+    for text, kind in kinds.items():
+        by_kind.setdefault(kind, []).append(text)
+    for kind, texts in by_kind.items():
+        if kind in GENERIC and len(texts) >= GENERALISE_AT and all(counted[t] == 1 for t in texts):
+            out[GENERIC[kind]] += sum(counted[t] for t in texts)
+            out_kinds[GENERIC[kind]] = kind
+        else:
+            out.update({t: counted[t] for t in texts})
+            out_kinds.update({t: kind for t in texts})
+    return out, out_kinds
 
 
 def rule_text(f: Finding, request: Mapping[str, Any]) -> str | None:
@@ -155,7 +183,7 @@ def rule_text(f: Finding, request: Mapping[str, Any]) -> str | None:
     kind = f.error_type
     if kind == "markdown_fence":
         what = "the <tool_call> block" if calls else "the JSON object"
-        return f"Output only {what}, no markdown fences (never `{ev.get('fence') or '```'}`)."
+        return f"Output only {what}, no markdown fences: never write a {ev.get('fence') or '```'} line."
     if kind == "prose_around_json":
         return "Output only the JSON object, no text before or after it." if not calls else \
             "Write each call inside <tool_call></tool_call>, with no text around it."
@@ -272,13 +300,19 @@ def evolve(parent_text: str, observed: list[Observation], k: int = 2, dynamic: b
     if not rules and not examples and (not dynamic or EXAMPLES_VAR in parent_text):
         return Evolution(None, f"{len(failures)} calls failed, but with no pattern the template does not already "
                                "correct: nothing written", failures=len(failures), observed=len(observed))
-    text = child_text(parent_text, rules, examples, dynamic)
+    tools_first = any(o.request.get("tools") for o in observed)
+    text = child_text(parent_text, rules, examples, dynamic, tools_first)
     reason = f"{len(rules)} rules from {len(failures)} failing of {len(observed)} calls, {len(examples)} examples"
     return Evolution(text, reason, tuple(rules), tuple(examples), len(failures), len(observed))
 
 
-def child_text(parent_text: str, rules: list[Rule], examples: list[Example], dynamic: bool = False) -> str:
+def child_text(parent_text: str, rules: list[Rule], examples: list[Example], dynamic: bool = False,
+               tools_first: bool = False) -> str:
+    """Parent, rules, examples. With `tools_first` (the calls had tools) the tool list (`{{tools}}`) is placed
+    before the rules: a small model follows what it read last, and the list would otherwise close the prompt."""
     parts = [parent_text.rstrip()]
+    if tools_first and TOOLS_VAR not in parent_text:
+        parts.append(TOOLS_VAR)
     if rules:
         parts.append(RULES_HEADING + "\n" + "\n".join(f"- {r.text}" for r in rules))
     if dynamic and EXAMPLES_VAR not in parent_text:

@@ -41,8 +41,9 @@ class ExampleIndex:
                 added += 1
         return added
 
-    def nearest(self, query: str, k: int) -> list[Example]:
-        """The k examples whose user text is most like `query`, best first (fewer when fewer match or exist)."""
+    def nearest(self, query: str, k: int, exclude: str | None = None) -> list[Example]:
+        """The k examples whose user text is most like `query`, best first (fewer when fewer match or exist);
+        `exclude` names a call id not to return (the request's own, when it is in the index)."""
         import bm25s
 
         with self._lock:
@@ -52,9 +53,10 @@ class ExampleIndex:
                 self._retriever = bm25s.BM25()
                 self._retriever.index(_tokens([e.user for e in self._examples]), show_progress=False)
                 self._indexed = len(self._examples)
-            found, scores = self._retriever.retrieve(_tokens([query]), k=min(k, len(self._examples)),
+            found, scores = self._retriever.retrieve(_tokens([query]), k=min(k + 1, len(self._examples)),
                                                      show_progress=False)
-            return [self._examples[i] for i, s in zip(found[0], scores[0]) if s > 0]
+            hits = [self._examples[i] for i, s in zip(found[0], scores[0]) if s > 0]
+            return [e for e in hits if not exclude or e.call_id != exclude][:k]
 
 
 def _tokens(texts: list[str]) -> Any:
@@ -87,6 +89,19 @@ class DynamicExamples:
     def fill(self, route: str, text: str, query: str) -> str:
         """The template text with `{{examples}}` filled by the k calls most like `query`."""
         return fill_examples(text, self.index(route).nearest(query, self.k))
+
+
+def as_turns(examples: Iterable[Example]) -> list[dict[str, str]]:
+    """Examples as earlier conversation turns (user, then the assistant's answer), the form a small model copies
+    most readily: put them between the system message and the current user turn."""
+    return [turn for e in examples for turn in ({"role": "user", "content": e.user},
+                                                {"role": "assistant", "content": e.answer})]
+
+
+def with_example_turns(messages: list[dict[str, Any]], examples: Iterable[Example]) -> list[dict[str, Any]]:
+    """The messages with the examples as turns just before the first user message."""
+    at = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
+    return [*messages[:at], *as_turns(examples), *messages[at:]]
 
 
 def successful_examples(records: Iterable[Any]) -> list[Example]:

@@ -11,7 +11,7 @@ from app.capture.records import CallRecord, TemplateRecord
 from app.capture.store import CaptureStore
 from app.holdout import is_held_out
 from prompts.cli_evolve import evolve_route, register
-from prompts.evolve import (EXAMPLES_VAR, RULES_HEADING, Observation, evolve, fill_examples, observations,
+from prompts.evolve import (EXAMPLES_VAR, GENERIC, RULES_HEADING, Observation, evolve, fill_examples, observations,
                             parse_reflection, reflect, reflection_messages)
 
 SEARCH = {"type": "function", "function": {"name": "search", "parameters": {
@@ -77,7 +77,8 @@ def test_child_keeps_its_parent_adds_rules_and_examples_only_from_calls_that_may
     eval_call = record(hermes("search", {"query": "EVAL"}), user="eval question", source="eval", n=2)
     held = record(hermes("search", {"query": "HELD"}), user="held question", held_out=True, n=3)
     result = evolve("Call the search tool.", observations([record(FENCED), teach, eval_call, held]), k=3)
-    assert result.text.startswith("Call the search tool.\n\n" + RULES_HEADING)
+    # The tool list goes before the rules, so the rules are what the model reads last.
+    assert result.text.startswith("Call the search tool.\n\n{{tools}}\n\n" + RULES_HEADING)
     assert "two lakes please" in result.text and '"n": 2' in result.text
     assert "EVAL" not in result.text and "HELD" not in result.text
     assert [e.call_id for e in result.examples] == [teach.id]
@@ -147,3 +148,12 @@ def test_cli_writes_a_child_once_and_says_when_there_is_nothing_to_learn(tmp_pat
     with CaptureStore.open(url) as store:
         evolved = [t for t in store.list_templates("r") if t.origin == "evolved"]
     assert len(evolved) == 1 and data["written"] == [evolved[0].id]  # the same child is not stored twice
+
+
+def test_one_pattern_with_different_evidence_in_every_call_becomes_one_general_rule():
+    wrong = [record(hermes(name, {"query": "x"}), n=i) for i, name in enumerate(["find", "lookup", "fetch"])]
+    result = evolve("p", observations(wrong), k=0)
+    assert [(r.text, r.calls) for r in result.rules] == [(GENERIC["unknown_function"], 3)]
+    few = evolve("p", observations(wrong[:2]), k=0)
+    assert {r.text for r in few.rules} == {"There is no function `find`; call only `search`.",
+                                          "There is no function `lookup`; call only `search`."}

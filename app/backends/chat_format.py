@@ -44,7 +44,9 @@ def render_prompt(messages: list[Message], functions: list[dict[str, Any]], fami
 def to_turns(messages: list[Message], functions: list[dict[str, Any]]) -> list[Turn]:
     """OpenAI messages as plain turns: one system turn first (with the tool prompt), calls and results as text."""
     system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
-    if functions:
+    # A template that places the tool list itself (its `{{tools}}` variable, filled with this same text) keeps it
+    # where it put it, so rules can follow the list; otherwise the list closes the system turn.
+    if functions and hermes.tools_prompt(functions) not in system:
         system = "\n\n".join(p for p in (system, hermes.tools_prompt(functions)) if p)
     turns = [Turn("system", system)] if system else []
     for msg in messages:
