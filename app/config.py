@@ -109,6 +109,13 @@ class CostConfig(Section):
     usd_per_hour: float = Field(0.10, ge=0)
 
 
+class EvolveConfig(Section):
+    # Template evolution (`slmswap templates evolve`, prompts/evolve.py).
+    teacher: str | None = None  # a binding that proposes reflective rewrites; none: rule-based evolution only
+    examples: int = Field(2, ge=0, le=8)  # worked examples per child
+    every_minutes: float = Field(0, ge=0)  # `serve` evolves every route on this period; 0: never
+
+
 class LangfuseConfig(Section):
     public_key: str | None = None
     secret_key: SecretStr | None = None  # never printed with the settings
@@ -142,6 +149,7 @@ class Settings(BaseSettings):
     rollout: RolloutConfig = RolloutConfig()
     cost: CostConfig = CostConfig()
     capture: CaptureConfig = CaptureConfig()
+    evolve: EvolveConfig = EvolveConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 

@@ -111,7 +111,8 @@ def teacher_ask(settings: Any, binding: str):
 
 def evolve_command(
     route: list[str] = typer.Option(None, "--route", "-r", help="Only this route; repeat for more (default: all)."),
-    k: int = typer.Option(2, "--examples", "-k", min=0, max=8, help="Worked examples per child."),
+    k: int | None = typer.Option(None, "--examples", "-k", min=0, max=8,
+                                 help="Worked examples per child (default: [evolve] examples, 2)."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Write {{examples}} (filled per request) instead."),
     teacher: str | None = typer.Option(None, "--teacher", help="A binding for a reflective rewrite "
                                        "(default: [evolve] teacher in the config; none: rules only)."),
@@ -123,7 +124,8 @@ def evolve_command(
     from app.config import load_settings
 
     settings = load_settings(config)
-    teacher = teacher or getattr(getattr(settings, "evolve", None), "teacher", None)
+    teacher = teacher or settings.evolve.teacher
+    k = settings.evolve.examples if k is None else k
     with CaptureStore.open(settings.store.url) as store:
         outcomes = evolve_routes(store, list(route or []) or None, k, teacher, settings, dynamic)
     if not outcomes:
@@ -149,3 +151,21 @@ def _as_json(o: Outcome) -> dict[str, Any]:
 
 def register(templates_app: typer.Typer) -> None:
     templates_app.command("evolve")(evolve_command)
+
+
+def scheduled_evolution(settings: Any):
+    """The job `serve` runs every `[evolve] every_minutes`: evolve every route, log what was written."""
+    import logging
+
+    log = logging.getLogger("slmswap.evolve")
+
+    def job() -> list[Outcome]:
+        from app.capture.store import CaptureStore
+
+        with CaptureStore.open(settings.store.url) as store:
+            outcomes = evolve_routes(store, None, settings.evolve.examples, settings.evolve.teacher, settings)
+        for o in outcomes:
+            log.info("%s", format_outcome(o))
+        return outcomes
+
+    return job

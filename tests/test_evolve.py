@@ -157,3 +157,41 @@ def test_one_pattern_with_different_evidence_in_every_call_becomes_one_general_r
     few = evolve("p", observations(wrong[:2]), k=0)
     assert {r.text for r in few.rules} == {"There is no function `find`; call only `search`.",
                                           "There is no function `lookup`; call only `search`."}
+
+
+def test_serve_schedule_is_off_by_default_and_runs_evolution_when_configured(tmp_path):
+    import asyncio
+    import threading
+
+    from app.config import load_settings
+    from app.server import scheduled_jobs
+    from app.server.schedule import Periodic, run_periodic
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    (tmp_path / "slmswap.toml").write_text(f'[store]\nurl = "{url}"\n')
+    assert scheduled_jobs(load_settings(tmp_path / "slmswap.toml")) == ()
+    (tmp_path / "slmswap.toml").write_text(f'[store]\nurl = "{url}"\n[evolve]\nevery_minutes = 0.5\nexamples = 0\n')
+    settings = load_settings(tmp_path / "slmswap.toml")
+    (job,) = scheduled_jobs(settings)
+    assert job.seconds == 30
+    with CaptureStore.open(url) as store:
+        store.upsert_template(TemplateRecord(id="r/base@1", agent="r", version=1, text="Call the search tool."))
+        store.record(record(FENCED))
+    (outcome,) = job.job()
+    assert outcome.written and "no markdown fences" in outcome.evolution.rules[0].text
+
+    ran, calls = threading.Event(), []
+
+    def flaky():  # the first run fails: the schedule logs it and goes on
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        ran.set()
+
+    async def serve_a_while():
+        task = asyncio.create_task(run_periodic(Periodic("t", 0, flaky)))
+        await asyncio.to_thread(ran.wait, 60)
+        task.cancel()
+
+    asyncio.run(serve_a_while())
+    assert ran.is_set() and len(calls) >= 2

@@ -17,7 +17,20 @@ def app_factory():
     from app.server.routes import create_app
 
     install_log_redaction()
-    return create_app(load_settings())
+    settings = load_settings()
+    return create_app(settings, periodic=scheduled_jobs(settings))
+
+
+def scheduled_jobs(settings):
+    """The jobs `serve` runs on a period, from the config: template evolution when `[evolve] every_minutes` > 0.
+    This factory is the server's composition root, so it alone reaches up to prompts/ (lazily)."""
+    from app.server.schedule import Periodic
+
+    if settings.evolve.every_minutes <= 0:
+        return ()
+    from prompts.cli_evolve import scheduled_evolution
+
+    return (Periodic("templates evolve", settings.evolve.every_minutes * 60, scheduled_evolution(settings)),)
 
 
 def serve(host: str, port: int, workers: int, config: str | None, allow_unauthenticated: bool) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +29,7 @@ from app.observability import shutdown as shutdown_observability
 from app.routing.context import CallContext
 from app.server.auth import check_key
 from app.server.metrics import ProxyMetrics
+from app.server.schedule import Periodic, run_periodic
 from app.server.protocol import (HTTPProblem, error_body, error_for, include_usage, parse_request, response_json, sse,
                                  sse_chunks, usage_chunk)
 from app.services import Services
@@ -192,14 +194,18 @@ def who(info: CallInfo | None) -> dict[str, str]:
     return {"x-slmswap-call-id": info.call_id, "x-slmswap-binding": info.binding, "x-slmswap-role": info.role}
 
 
-def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
-    """The proxy as an ASGI app; `services` (store + Router) are opened here unless given."""
+def create_app(settings: Settings, services: Services | None = None, periodic: Sequence[Periodic] = ()) -> FastAPI:
+    """The proxy as an ASGI app; `services` (store + Router) are opened here unless given; `periodic` jobs run
+    in the background while it serves."""
     services = services or Services.from_settings(settings)
     proxy = Proxy(settings, services)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        jobs = [asyncio.create_task(run_periodic(p)) for p in periodic]
         yield
+        for job in jobs:
+            job.cancel()
         await proxy.router.drain()
         services.close()
         shutdown_observability()  # flush what Langfuse has buffered
