@@ -148,8 +148,8 @@ async def bench_model(binding: str, args: argparse.Namespace) -> dict[str, Any]:
     for generation in range(1, args.generations + 1):
         index.add(e for e in map(example_of, pool) if e is not None)
         observed = [observation(a) for a in current_answers]
-        children = {"static": evolve(current["text"], observed + pool, k=args.k),
-                    "dynamic": evolve(current["text"], observed, k=0, dynamic=True)}
+        children = {"static": evolve(current["text"], observed + pool, k=args.k, tools_first=True),
+                    "dynamic": evolve(current["text"], observed, k=0, dynamic=True, tools_first=True)}
         tried = {}
         for kind, child in children.items():
             if child.text is None:

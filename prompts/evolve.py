@@ -282,9 +282,11 @@ def fill_examples(text: str, examples: Iterable[Example]) -> str:
 # ---- the child ----------------------------------------------------------------------------------------------
 
 def evolve(parent_text: str, observed: list[Observation], k: int = 2, dynamic: bool = False,
-           max_rules: int = MAX_RULES) -> Evolution:
+           max_rules: int = MAX_RULES, tools_first: bool = False) -> Evolution:
     """The child of `parent_text`: its text plus the rules the failures call for (those it does not hold yet)
     and up to k worked examples from the successes (or `{{examples}}`, filled per request, with `dynamic`).
+    With `tools_first` and calls that had tools, `{{tools}}` goes before the rules (needs a renderer that fills
+    it, such as the template store's `render`; the backend then does not append the tool list again).
 
     >>> evolve("Call the tool.", []).reason
     'no captured calls to learn from: nothing written'
@@ -300,7 +302,7 @@ def evolve(parent_text: str, observed: list[Observation], k: int = 2, dynamic: b
     if not rules and not examples and (not dynamic or EXAMPLES_VAR in parent_text):
         return Evolution(None, f"{len(failures)} calls failed, but with no pattern the template does not already "
                                "correct: nothing written", failures=len(failures), observed=len(observed))
-    tools_first = any(o.request.get("tools") for o in observed)
+    tools_first = tools_first and any(o.request.get("tools") for o in observed)
     text = child_text(parent_text, rules, examples, dynamic, tools_first)
     reason = f"{len(rules)} rules from {len(failures)} failing of {len(observed)} calls, {len(examples)} examples"
     return Evolution(text, reason, tuple(rules), tuple(examples), len(failures), len(observed))

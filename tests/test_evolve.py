@@ -76,9 +76,12 @@ def test_child_keeps_its_parent_adds_rules_and_examples_only_from_calls_that_may
     teach = record(hermes("search", {"query": "lakes", "n": 2}), user="two lakes please", n=1)
     eval_call = record(hermes("search", {"query": "EVAL"}), user="eval question", source="eval", n=2)
     held = record(hermes("search", {"query": "HELD"}), user="held question", held_out=True, n=3)
-    result = evolve("Call the search tool.", observations([record(FENCED), teach, eval_call, held]), k=3)
-    # The tool list goes before the rules, so the rules are what the model reads last.
-    assert result.text.startswith("Call the search tool.\n\n{{tools}}\n\n" + RULES_HEADING)
+    observed = observations([record(FENCED), teach, eval_call, held])
+    result = evolve("Call the search tool.", observed, k=3)
+    assert result.text.startswith("Call the search tool.\n\n" + RULES_HEADING)
+    # With tools_first the tool list goes before the rules, so the rules are what the model reads last.
+    placed = evolve("Call the search tool.", observed, k=3, tools_first=True).text
+    assert placed.startswith("Call the search tool.\n\n{{tools}}\n\n" + RULES_HEADING)
     assert "two lakes please" in result.text and '"n": 2' in result.text
     assert "EVAL" not in result.text and "HELD" not in result.text
     assert [e.call_id for e in result.examples] == [teach.id]
