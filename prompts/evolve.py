@@ -159,19 +159,22 @@ GENERIC = {
 
 
 def _generalised(counted: Counter[str], kinds: dict[str, str]) -> tuple[Counter[str], dict[str, str]]:
-    """A pattern seen with different evidence in GENERALISE_AT or more calls, none of it twice, gets one general
-    rule instead (`unknown function f`, `g`, `h`, each once, says "call only listed functions", not three names)."""
+    """Where a pattern shows different evidence once each in GENERALISE_AT or more calls (`unknown function f`,
+    `g`, `h`), those one-off rules become one general rule ("call only listed functions"), counted by their calls;
+    evidence seen in several calls keeps its own rule."""
     out, out_kinds = Counter(), {}
     by_kind: dict[str, list[str]] = {}
     for text, kind in kinds.items():
         by_kind.setdefault(kind, []).append(text)
     for kind, texts in by_kind.items():
-        if kind in GENERIC and len(texts) >= GENERALISE_AT and all(counted[t] == 1 for t in texts):
-            out[GENERIC[kind]] += sum(counted[t] for t in texts)
+        once = [t for t in texts if counted[t] == 1]
+        general = kind in GENERIC and len(once) >= GENERALISE_AT
+        if general:
+            out[GENERIC[kind]] += len(once)
             out_kinds[GENERIC[kind]] = kind
-        else:
-            out.update({t: counted[t] for t in texts})
-            out_kinds.update({t: kind for t in texts})
+        for t in texts:
+            if not (general and t in once):
+                out[t], out_kinds[t] = counted[t], kind
     return out, out_kinds
 
 
@@ -312,16 +315,27 @@ def child_text(parent_text: str, rules: list[Rule], examples: list[Example], dyn
                tools_first: bool = False) -> str:
     """Parent, rules, examples. With `tools_first` (the calls had tools) the tool list (`{{tools}}`) is placed
     before the rules: a small model follows what it read last, and the list would otherwise close the prompt."""
+    lines = [f"- {r.text}" for r in rules]
+    if rules and RULES_HEADING in parent_text:  # an evolved parent: its rule list grows in place
+        parent_text, lines = _extend_rules(parent_text, lines), []
     parts = [parent_text.rstrip()]
     if tools_first and TOOLS_VAR not in parent_text:
         parts.append(TOOLS_VAR)
-    if rules:
-        parts.append(RULES_HEADING + "\n" + "\n".join(f"- {r.text}" for r in rules))
+    if lines:
+        parts.append(RULES_HEADING + "\n" + "\n".join(lines))
     if dynamic and EXAMPLES_VAR not in parent_text:
         parts.append(EXAMPLES_VAR)
     elif examples:
         parts.append(render_examples(examples))
     return "\n\n".join(parts)
+
+
+def _extend_rules(text: str, lines: list[str]) -> str:
+    """The text with `lines` added at the end of the list under RULES_HEADING."""
+    head, _, rest = text.partition(RULES_HEADING + "\n")
+    listed = rest.split("\n")
+    end = next((i for i, line in enumerate(listed) if not line.startswith("- ")), len(listed))
+    return head + RULES_HEADING + "\n" + "\n".join(listed[:end] + lines + listed[end:])
 
 
 # ---- reflective rewrite (a teacher) -------------------------------------------------------------------------

@@ -198,3 +198,19 @@ def test_serve_schedule_is_off_by_default_and_runs_evolution_when_configured(tmp
 
     asyncio.run(serve_a_while())
     assert ran.is_set() and len(calls) >= 2
+
+
+def test_general_rule_replaces_one_off_evidence_but_keeps_evidence_seen_twice():
+    names = ["find", "lookup", "fetch", "get", "get"]
+    result = evolve("p", observations([record(hermes(n, {"query": "x"}), n=i) for i, n in enumerate(names)]), k=0)
+    assert [(r.text, r.calls) for r in result.rules] == [(GENERIC["unknown_function"], 3),
+                                                         ("There is no function `get`; call only `search`.", 2)]
+
+
+def test_an_evolved_parent_grows_its_rule_list_in_place():
+    child = evolve("p", observations([record(FENCED)]), dynamic=True, tools_first=True).text
+    grandchild = evolve(child, observations([record(RENAMED)]), dynamic=True, tools_first=True).text
+    assert grandchild.count(RULES_HEADING) == 1 and grandchild.count(EXAMPLES_VAR) == 1
+    rules = grandchild.split(RULES_HEADING)[1].split(EXAMPLES_VAR)[0]
+    assert "no markdown fences" in rules and "Use parameter `query`, not `q`." in rules
+    assert grandchild.index("{{tools}}") < grandchild.index(RULES_HEADING) < grandchild.index(EXAMPLES_VAR)
