@@ -154,3 +154,51 @@ def _arms(templates: list[TemplateRecord]) -> list[select.Arm]:
 
 def _trials(templates: list[TemplateRecord], template_id: str) -> int:
     return next(t.trials for t in templates if t.id == template_id)
+
+
+class ProxyPrompts:
+    """The proxy's side of templates (`app.server.routes.Prompts`): a client owns its system prompt, so each new
+    system prompt of a route becomes a template, found again by its fingerprint (the content hash of the normalised
+    text); the route's first one is its base. With `managed_prompt` the selected template replaces it."""
+
+    def __init__(self, store: Any, rng: random.Random | None = None):
+        self.store = store
+        self.rng = rng or random.Random()
+        self._known: dict[tuple[str, str], str | None] = {}  # (route, fingerprint) -> template id
+
+    def for_proxy(self, route: str, system: str | None, managed: bool,
+                  tools: list[dict] | None = None) -> tuple[str | None, str | None]:
+        """(the template id the call counts on, the system text to send instead, or None to keep the client's)."""
+        own = self.fingerprint(route, system) if system and system.strip() else None
+        if not managed:
+            return own, None
+        chosen = sample(self.store, route, self.rng)
+        if chosen is None:
+            return own, None
+        return chosen.id, render(chosen.text, {"tools": tools_text(tools or [])})
+
+    def fingerprint(self, route: str, system: str) -> str | None:
+        """The id of the template this system prompt is (added on first sight); None for a text holding an unknown
+        `{{variable}}`, which could never be rendered, so its calls go uncounted."""
+        key = (route, template_hash(system))
+        if key not in self._known:
+            found = self.store.template_by_hash(*key)
+            if found is None:
+                try:
+                    variables(system)
+                except UsageError:
+                    self._known[key] = None
+                    return None
+                origin = "manual" if self.store.list_templates(route) else "base"
+                found = add_template(self.store, route, system, origin=origin)
+            self._known[key] = found.id
+        return self._known[key]
+
+
+def tools_text(tools: list[dict]) -> str:
+    """What `{{tools}}` stands for: one line per tool, its name and description."""
+    lines = []
+    for tool in tools:
+        fn = tool.get("function") or {}
+        lines.append(f"- {fn.get('name', '?')}: {fn.get('description') or ''}".rstrip(": "))
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from app.capture.records import template_hash
 from app.capture.store import CaptureStore
 from app.config import TemplatesConfig
 from prompts import select
@@ -92,3 +93,125 @@ def test_choose_registers_the_base_file_and_samples(store):
     assert ts.choose(store, "not-an-agent", random.Random(0)) is None
     custom = ts.add_template(store, "not-an-agent", "A proxy route's prompt.")
     assert ts.choose(store, "not-an-agent", random.Random(0)) == custom
+
+
+# ---- outcomes move the counts: a real graph run and a real proxy ---------------------------------------------------
+
+def counts(store, template_id):
+    row = store.get_template(template_id)
+    return row.successes, row.failures
+
+
+def test_a_graph_run_counts_every_captured_call_on_its_template(tmp_path, scripted):
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from app.config import load_settings
+    from app.services import Services
+    from graphs.state import WorkflowContext
+    from graphs.workflow import AGENTS, graph
+    from tests.support.scripted import tool, tool_then_text
+
+    Path("slmswap.toml").write_text("\n".join(f'[routes.{a}]\nteacher = "scripted:{a}"' for a in AGENTS)
+                                    + "\n[workflow]\nmax_retries = 1\nmax_tool_turns = 3\n")
+    services = Services.from_settings(load_settings())
+    try:
+        scripted("orchestrator").enqueue(json.dumps({
+            "sub_agents": ["retrieval"], "parallel": False, "aggregation_strategy": "report",
+            "steps": [{"tasks": [{"agent": "retrieval", "task": "fetch"}]}]}))
+        # retrieval must call a tool: plain text first is an invalid answer (a failure), then it does it right.
+        scripted("retrieval").enqueue("I would run a query")
+        scripted("retrieval").default = tool_then_text(tool("run_sql", query="SELECT 1 AS x", as_name="one"), "done")
+        scripted("aggregate").enqueue("All done.")
+        run_id = services.store.start_run("q")
+        state = asyncio.run(graph.ainvoke({"query": "q"}, context=WorkflowContext(services=services, run_id=run_id)))
+        assert state["answer"]
+        calls = services.store.calls_for_run(run_id)
+        by_template: dict[str, list[bool]] = {}
+        for call in calls:
+            by_template.setdefault(call.template_id, []).append(call.valid)
+        assert "retrieval/base@1" in by_template and False in by_template["retrieval/base@1"]
+        for template_id, valids in by_template.items():
+            assert counts(services.store, template_id) == (valids.count(True), valids.count(False)), template_id
+    finally:
+        services.close()
+
+
+@pytest.fixture
+def proxy_with(scripted):
+    """Start a proxy (real uvicorn) on a config with route `support`; returns (url, services)."""
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from app.config import load_settings
+    from app.server.routes import create_app
+    from app.services import Services
+    from tests.support.http import serve
+
+    stack = ExitStack()
+
+    def start(managed: bool = False):
+        Path("slmswap.toml").write_text(f'[routes.support]\nteacher = "scripted:teacher"\n'
+                                        f'managed_prompt = {str(managed).lower()}\n')
+        services = Services.from_settings(load_settings())
+        url = stack.enter_context(serve(create_app(services.settings, services, ts.ProxyPrompts(services.store))))
+        return url, services
+
+    yield start
+    stack.close()
+
+
+TOOLS = [{"type": "function", "function": {"name": "run_sql", "description": "Run one SELECT.", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+
+
+def ask(client, system, **kw):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hi"}]
+    return client.chat.completions.with_raw_response.create(model="support", messages=messages, **kw)
+
+
+def test_proxy_calls_count_per_system_prompt_fingerprint(proxy_with, scripted):
+    import httpx
+    import openai
+
+    url, services = proxy_with(managed=False)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    scripted("teacher").enqueue("hello", "text where a tool call was required", "hello again", "fine")
+    ask(client, "You are a support bot.")
+    ask(client, "You are a support bot.", tools=TOOLS, tool_choice="required")  # invalid: a failure
+    ask(client, "  You are a   support bot.\n")  # the same prompt, white space aside: the same fingerprint
+    other = ask(client, "You are a different bot.")
+    [first, second] = store_rows = services.store.list_templates("support")
+    assert (first.origin, first.text, second.origin) == ("base", "You are a support bot.", "manual")
+    assert counts(services.store, first.id) == (2, 1) and counts(services.store, second.id) == (1, 0)
+    call = services.store.get_call(other.headers["x-slmswap-call-id"])
+    assert call.template_id == second.id and call.request["messages"][0]["content"] == "You are a different bot."
+    assert len(store_rows) == 2
+
+    # Negative feedback on a counted success moves it to a failure, once.
+    for _ in range(2):
+        assert httpx.post(f"{url}/v1/feedback", json={"call_id": call.id, "success": False}).status_code == 200
+    assert counts(services.store, second.id) == (0, 1)
+
+
+def test_managed_prompt_replaces_the_clients_system_prompt_with_the_selected_template(proxy_with, scripted):
+    import openai
+
+    url, services = proxy_with(managed=True)
+    chosen = ts.add_template(services.store, "support", "Be brief. Tools:\n{{tools}}", origin="manual")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    scripted("teacher").default = "ok"
+    raw = ask(client, None, tools=TOOLS)  # no system prompt of its own: the template is put first
+    sent = scripted("teacher").requests[-1].messages
+    assert (sent[0].role, sent[0].content) == ("system", "Be brief. Tools:\n- run_sql: Run one SELECT.")
+    assert services.store.get_call(raw.headers["x-slmswap-call-id"]).template_id == chosen.id
+    assert counts(services.store, chosen.id) == (1, 0)
+
+    ask(client, "The client's own prompt.")  # registered (a candidate), and replaced by the sampled template
+    own = services.store.template_by_hash("support", template_hash("The client's own prompt."))
+    sent = scripted("teacher").requests[-1].messages
+    assert own is not None and [m.role for m in sent] == ["system", "user"]
+    used = services.store.list_calls(agent="support", limit=1)[0].template_id
+    assert sent[0].content == ts.render(services.store.get_template(used).text, {"tools": ""})
+    assert sum(t.trials for t in services.store.list_templates("support")) == 2
