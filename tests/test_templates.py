@@ -104,3 +104,114 @@ def test_retire_keeps_the_row_and_its_counts(store):
     assert (retired.status, retired.retired_reason, retired.failures) == ("retired", "worse than the base", 1)
     assert ts.live_templates(store, "retrieval") == []
     assert ts.add_template(store, "retrieval", "Try this.").status == "retired"  # the same text is the same row
+
+
+# ---- CLI: templates list / show / errors, through the real entry point ---------------------------------------------
+
+def slmswap(capsys, *args):
+    import sys
+
+    from app.cli import main
+
+    old, sys.argv = sys.argv, ["slmswap", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def cli_store():
+    from pathlib import Path
+
+    Path("slmswap.toml").write_text('[store]\nurl = "sqlite:///capture.db"\n')
+    with CaptureStore.open("sqlite:///capture.db") as opened:
+        yield opened
+
+
+def test_list_shows_trials_and_wilson_interval(capsys, cli_store):
+    base = ts.ensure_base(cli_store, "retrieval")
+    child = ts.add_template(cli_store, "retrieval", base.text + "\nNever use markdown fences.", parent=base.id,
+                            origin="evolved")
+    for ok in (True,) * 7 + (False,) * 3:
+        cli_store.count_template_outcome(child.id, success=ok)
+    ts.retire(cli_store, base.id, "a test retired it")
+    code, out, _ = slmswap(capsys, "templates", "list", "--route", "retrieval", "--json")
+    assert code == 0
+    rows = {r["id"]: r for r in json.loads(out)}
+    assert (rows[child.id]["trials"], rows[child.id]["origin"], rows[child.id]["parent_id"]) == (10, "evolved", base.id)
+    assert (round(rows[child.id]["low"], 3), round(rows[child.id]["high"], 3)) == (0.397, 0.892)  # wilson(7, 10)
+    assert (rows[base.id]["status"], rows[base.id]["retired_reason"]) == ("retired", "a test retired it")
+    code, out, _ = slmswap(capsys, "templates", "list")
+    assert code == 0 and child.id in out and "70.0% [39.7%, 89.2%]" in out and "retired: a test retired it" in out
+
+
+def test_show_prints_text_and_diff_to_parent(capsys, cli_store):
+    base = ts.ensure_base(cli_store, "retrieval")
+    child = ts.add_template(cli_store, "retrieval", base.text + "\nNever use markdown fences.", parent=base.id,
+                            origin="evolved")
+    code, out, _ = slmswap(capsys, "templates", "show", child.id[:20])
+    assert code == 0 and f"--- {base.id}" in out and f"+++ {child.id}" in out
+    assert "+Never use markdown fences." in out and base.text.splitlines()[0] in out
+    code, _, err = slmswap(capsys, "templates", "show", "nope/nothing")
+    assert code == 2 and "templates list" in err
+
+
+def test_errors_shows_the_pattern_table_with_examples(capsys, cli_store):
+    from app.capture.records import CallRecord
+
+    base = ts.ensure_base(cli_store, "retrieval")
+    fenced = {"content": '```json\n{"name": "run_sql", "arguments": {"query": "SELECT 1"}}\n```',
+              "tool_calls": None, "finish_reason": "stop"}
+    request = {"messages": [{"role": "user", "content": "q"}], "tools": [{"type": "function", "function": {
+        "name": "run_sql", "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                          "required": ["query"]}}}], "params": {}}
+    for i in range(3):
+        cli_store.record(CallRecord(id=f"fenced-call-{i}", route="retrieval", agent="retrieval", binding="gguf:x",
+                                    template_id=base.id, request=request, response=fenced, valid=False))
+    code, out, _ = slmswap(capsys, "templates", "errors", "--route", "retrieval", "--json")
+    assert code == 0
+    [row] = json.loads(out)
+    assert row["template_id"] == base.id and row["calls"] == 3 and row["patterns"]
+    kind, stat = next(iter(row["patterns"].items()))
+    assert stat["count"] == 3 and stat["examples"][0] == "fenced-call-0"
+    code, out, _ = slmswap(capsys, "templates", "errors", "--since", "1d")
+    assert code == 0 and kind in out and "fenced-call-" in out and "3/3" in out
+    code, _, err = slmswap(capsys, "templates", "errors", "--since", "last tuesday")
+    assert code == 2 and "7d" in err
+    code, out, _ = slmswap(capsys, "templates", "errors", "--route", "processing")
+    assert code == 0 and "no error patterns" in out
+
+
+def test_recorded_calls_move_counts_in_the_same_write(store):
+    """On SQLite and PostgreSQL: valid and invalid calls count, eval calls, failed backends and unknown ids do not."""
+    from app.capture.records import CallRecord, template_outcome
+
+    row = ts.add_template(store, "retrieval", "Counted.")
+    ok = {"content": "fine", "tool_calls": None, "finish_reason": "stop"}
+
+    def call(**kw):
+        return CallRecord(**{"route": "retrieval", "binding": "gguf:x", "request": {"messages": []}, "response": ok,
+                             "template_id": row.id, **kw})
+
+    made = [call(), call(valid=False, error_type="invalid_json"), call(source="proxy"),
+            call(role="shadow", agreement=False), call(source="eval"), call(response=None, valid=False),
+            call(valid=False, error_type="aborted"), call(template_id="retrieval/unknown")]
+    assert [template_outcome(c) for c in made] == [True, False, True, False, None, None, None, True]
+    for c in made[:4]:
+        store.record(c)
+    for c in made[4:]:
+        store.record_soon(c)
+    store.flush()
+    got = store.get_template(row.id)
+    assert (got.successes, got.failures) == (2, 2)
+    store.add_feedback(made[0].id, score=0.0)  # a score <= 0 is negative: that success becomes a failure
+    store.add_feedback(made[1].id, success=False)  # already a failure: nothing moves
+    store.add_feedback(made[2].id, success=True)
+    got = store.get_template(row.id)
+    assert (got.successes, got.failures) == (1, 3)
