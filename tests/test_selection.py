@@ -215,3 +215,16 @@ def test_managed_prompt_replaces_the_clients_system_prompt_with_the_selected_tem
     used = services.store.list_calls(agent="support", limit=1)[0].template_id
     assert sent[0].content == ts.render(services.store.get_template(used).text, {"tools": ""})
     assert sum(t.trials for t in services.store.list_templates("support")) == 2
+
+
+def test_a_streamed_proxy_call_counts_too(proxy_with, scripted):
+    import openai
+
+    url, services = proxy_with(managed=False)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    scripted("teacher").default = "streamed answer"
+    stream = client.chat.completions.create(model="support", stream=True, messages=[
+        {"role": "system", "content": "Stream politely."}, {"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == "streamed answer"
+    [row] = services.store.list_templates("support")
+    assert (row.text, counts(services.store, row.id)) == ("Stream politely.", (1, 0))
