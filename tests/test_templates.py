@@ -215,3 +215,33 @@ def test_recorded_calls_move_counts_in_the_same_write(store):
     store.add_feedback(made[2].id, success=True)
     got = store.get_template(row.id)
     assert (got.successes, got.failures) == (1, 3)
+
+
+def test_m006_keeps_old_rows_duplicates_and_inactive_ones(store_url):
+    """A store written before m006 (agent/version/active rows, two of them the same text) migrates without loss."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text as sql
+
+    from app.capture.engine import open_engine
+    from app.capture.migrations import migrate
+
+    engine = open_engine(store_url)
+    migrate(engine, stop_before="m006_templates")
+    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with engine.begin() as conn:
+        stamp = created if conn.dialect.name == "postgresql" else created.strftime("%Y-%m-%d %H:%M:%S.%f")
+        for tid, version, body, ok, active in (("r/base@1", 1, "Same.", 5, True), ("r/manual@2", 2, "Same.", 1, True),
+                                               ("r/old@3", 3, "Off.", 0, False)):
+            conn.execute(sql("INSERT INTO templates (id, agent, version, parent_id, origin, text, successes, failures,"
+                             " active, created_at) VALUES (:id, 'r', :v, NULL, 'manual', :t, :s, 2, :a, :c)"),
+                         {"id": tid, "v": version, "t": body, "s": ok, "a": active, "c": stamp})
+    assert migrate(engine)[0] == "m006_templates"
+    engine.dispose()
+    with CaptureStore.open(store_url) as store:
+        rows = {t.id: t for t in store.list_templates("r")}
+        assert set(rows) == {"r/base@1", "r/manual@2", "r/old@3"}
+        assert (rows["r/base@1"].successes, rows["r/base@1"].failures, rows["r/base@1"].created_at) == (5, 2, created)
+        assert rows["r/base@1"].content_hash == template_hash("Same.") != rows["r/manual@2"].content_hash
+        assert (rows["r/old@3"].status, rows["r/manual@2"].status) == ("retired", "live")
+        assert ts.add_template(store, "r", "Same.").id == "r/base@1"  # the first of the duplicates is the text's row
