@@ -1,5 +1,5 @@
 """`slmswap templates evolve [--route R]`: a child template per route from the error patterns of its best
-template's captured calls (`prompts/evolve.py`), saved as origin `evolved`, never live until selection says so.
+template's captured calls (`prompts/evolve.py`), added live as origin `evolved`, for selection to try and judge.
 
 `evolve_routes` does the work (the serve schedule calls it too); the command parses and prints. Register it on the
 templates group: `from prompts.cli_evolve import register; register(templates_app)`.
@@ -8,7 +8,6 @@ templates group: `from prompts.cli_evolve import register; register(templates_ap
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -57,35 +56,22 @@ def evolve_route(store: Any, route: str, k: int = 2, teacher: str | None = None,
 
 
 def best_template(store: Any, route: str) -> Any:
-    """The route's best template: the template store's `best` when it has one, else the active template."""
-    try:
-        from prompts import store as template_store  # the template store of issue 11 part 2
-    except ImportError:
-        template_store = None
-    if template_store is not None and hasattr(template_store, "best"):
-        found = template_store.best(store, route, min_trials=1)
-        if found is not None:
-            return found
-    return store.active_template(route)
+    """The route's best template (highest posterior mean with enough trials), else its shipped base, else the live
+    one with the most outcomes (the one its calls say most about), else None."""
+    from prompts import store as template_store
+
+    found = template_store.best(store, route) or template_store.ensure_base(store, route)
+    live = template_store.live_templates(store, route)
+    return found or (max(reversed(live), key=lambda t: t.trials) if live else None)
 
 
 def save_child(store: Any, route: str, text: str, parent: Any) -> str:
-    """Save an evolved child (deduplicated by content), not live; returns its id."""
-    try:
-        from prompts import store as template_store
-    except ImportError:
-        template_store = None
-    if template_store is not None and hasattr(template_store, "add_template"):
-        return template_store.add_template(store, route, text, parent=parent.id if parent else None,
-                                           origin="evolved").id
-    from app.capture.records import TemplateRecord
+    """Add the child as a live template (an identical text is found, not stored twice): selection's Thompson
+    sampling then tries it beside its parent, and retires the loser. Returns its id."""
+    from prompts import store as template_store
 
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    template_id = f"{route}/evolved-{digest}"
-    if not any(t.id == template_id for t in store.list_templates(route)):
-        store.upsert_template(TemplateRecord(id=template_id, agent=route, version=1, text=text, origin="evolved",
-                                             parent_id=parent.id if parent else None, active=False))
-    return template_id
+    return template_store.add_template(store, route, text, parent=parent.id if parent else None,
+                                       origin="evolved").id
 
 
 def teacher_ask(settings: Any, binding: str):

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 import typer
 from typer.testing import CliRunner
 
-from app.capture.records import CallRecord, TemplateRecord
+from app.capture.records import CallRecord
 from app.capture.store import CaptureStore
 from app.holdout import is_held_out
 from prompts.cli_evolve import evolve_route, register
+from prompts.store import add_template
 from prompts.evolve import (EXAMPLES_VAR, GENERIC, RULES_HEADING, Observation, evolve, fill_examples, observations,
                             parse_reflection, reflect, reflection_messages)
 
@@ -118,7 +119,7 @@ def test_reflection_reads_failures_and_template_and_parses_the_proposal():
 def test_reflective_rewrite_runs_through_the_router_with_a_scripted_teacher(tmp_path, scripted):
     teacher = scripted("teacher").enqueue("<prompt>Call search with `query`. Output the call only.</prompt>")
     with CaptureStore.open(f"sqlite:///{tmp_path / 'c.db'}") as store:
-        store.upsert_template(TemplateRecord(id="r/base@1", agent="r", version=1, text="Call the search tool."))
+        add_template(store, "r", "Call the search tool.", origin="base", template_id="r/base@1")
         for i, content in enumerate([FENCED, RENAMED, GOOD]):
             store.record(record(content, n=i))
         outcome = evolve_route(store, "r", k=1, teacher="scripted:teacher")
@@ -127,15 +128,15 @@ def test_reflective_rewrite_runs_through_the_router_with_a_scripted_teacher(tmp_
     assert "```json" in teacher.requests[0].messages[1].text()
     proposal = texts[outcome.written[1]]
     assert proposal.text == "Call search with `query`. Output the call only." and proposal.origin == "evolved"
-    assert proposal.parent_id == "r/base@1" and not proposal.active
+    assert proposal.parent_id == "r/base@1" and proposal.status == "live"  # for selection to try
 
 
 def test_cli_writes_a_child_once_and_says_when_there_is_nothing_to_learn(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
     (tmp_path / "slmswap.toml").write_text(f'[store]\nurl = "{url}"\n')
     with CaptureStore.open(url) as store:
-        store.upsert_template(TemplateRecord(id="r/base@1", agent="r", version=1, text="Call the search tool."))
-        store.upsert_template(TemplateRecord(id="ok/base@1", agent="ok", version=1, text="Call it."))
+        add_template(store, "r", "Call the search tool.", origin="base", template_id="r/base@1")
+        add_template(store, "ok", "Call it.", origin="base", template_id="ok/base@1")
         store.record(record(FENCED))
         store.record(record(GOOD, route="ok", template_id="ok/base@1", n=1))
     app = typer.Typer()
@@ -178,7 +179,7 @@ def test_serve_schedule_is_off_by_default_and_runs_evolution_when_configured(tmp
     (job,) = scheduled_jobs(settings)
     assert job.seconds == 30
     with CaptureStore.open(url) as store:
-        store.upsert_template(TemplateRecord(id="r/base@1", agent="r", version=1, text="Call the search tool."))
+        add_template(store, "r", "Call the search tool.", origin="base", template_id="r/base@1")
         store.record(record(FENCED))
     (outcome,) = job.job()
     assert outcome.written and "no markdown fences" in outcome.evolution.rules[0].text

@@ -15,10 +15,14 @@ def app_factory():
     from app.config import load_settings
     from app.secrets import install_log_redaction
     from app.server.routes import create_app
+    from app.services import Services
+    from prompts.store import ProxyPrompts  # the composition root: app/ itself never imports prompts/
 
     install_log_redaction()
     settings = load_settings()
-    return create_app(settings, periodic=scheduled_jobs(settings))
+    services = Services.from_settings(settings)
+    return create_app(settings, services, ProxyPrompts(services.store) if services.store is not None else None,
+                      periodic=scheduled_jobs(settings))
 
 
 def scheduled_jobs(settings):
