@@ -19,6 +19,7 @@ from agents.orchestrator import aggregate, make_plan
 from agents.plan import SUB_AGENTS, Plan, task_id
 from agents.subagent import run_subagent
 from graphs.state import SubAgentInput, WorkflowContext, WorkflowInput, WorkflowState
+from prompts.examples import DynamicExamples
 from prompts.prompt_node import current_templates
 
 AGENTS = ["orchestrator", *SUB_AGENTS, "aggregate"]
@@ -61,8 +62,9 @@ async def prompt(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dic
         run_id = await asyncio.to_thread(services.store.start_run, query)
     # Selection per run: Thompson sampling per agent, seeded by the run id so a run's draw can be replayed.
     rng = random.Random(run_id) if run_id else random.Random()
+    examples = DynamicExamples(services.store) if services.store is not None else None
     templates = await asyncio.to_thread(current_templates, services.store, AGENTS, rng=rng,
-                                        config=services.settings.templates)
+                                        config=services.settings.templates, query=query, examples=examples)
     return {"run_id": run_id, "templates": templates, **FRESH}
 
 

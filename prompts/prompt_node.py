@@ -16,9 +16,11 @@ from prompts.base import base_templates
 
 
 def current_templates(store: Any | None, agents: list[str], *, rng: random.Random | None = None,
-                      config: TemplatesConfig | None = None) -> dict[str, dict[str, str]]:
+                      config: TemplatesConfig | None = None, query: str | None = None,
+                      examples: Any = None) -> dict[str, dict[str, str]]:
     """`{agent: {"id", "text"}}` for each agent, sampled once per run (pass `random.Random(run_id)` to make the
-    draw repeatable). The text has its variables rendered (empty until dynamic examples fill `{{examples}}`)."""
+    draw repeatable). The text has its variables rendered: `{{examples}}` with the route's captured calls most
+    like `query` when `examples` (a prompts.examples.DynamicExamples) is given, else empty."""
     rng = rng or random.Random()
     config = config or TemplatesConfig()
     bases = base_templates()
@@ -26,7 +28,15 @@ def current_templates(store: Any | None, agents: list[str], *, rng: random.Rando
     for agent in agents:
         record = template_store.choose(store, agent, rng, config) if store is not None else None
         if record is not None:
-            chosen[agent] = {"id": record.id, "text": template_store.render(record.text)}
+            chosen[agent] = {"id": record.id, "text": _render(record.text, agent, query, examples)}
         elif agent in bases:
             chosen[agent] = {"id": bases[agent].id, "text": template_store.render(bases[agent].text)}
     return chosen
+
+
+def _render(text: str, agent: str, query: str | None, examples: Any) -> str:
+    if examples is None or not query or "examples" not in template_store.variables(text):
+        return template_store.render(text)
+    from prompts.evolve import render_examples
+
+    return template_store.render(text, {"examples": render_examples(examples.index(agent).nearest(query, examples.k))})

@@ -61,3 +61,20 @@ def test_a_system_prompt_that_places_the_tool_list_keeps_it_there_once():
     assert system == placed and system.count("# Tools") == 1
     plain = to_turns([Message(role="system", content="Intro."), Message(role="user", content="q")], functions)[0].text
     assert plain == "Intro.\n\n" + tools_prompt(functions)
+
+
+def test_the_prompt_node_fills_examples_with_the_calls_most_like_the_runs_query(tmp_path):
+    import random
+
+    from prompts.prompt_node import current_templates
+    from prompts.store import add_template
+
+    with CaptureStore.open(f"sqlite:///{tmp_path / 'c.db'}") as store:
+        add_template(store, "r", "Find things.\n\n{{examples}}", origin="manual", template_id="r/manual@1")
+        store.record(record(hermes("search", {"query": "fjords"}), user="fjords in norway", template_id="r/manual@1"))
+        store.record(record(hermes("search", {"query": "cats"}), user="cats of egypt", template_id="r/manual@1", n=1))
+        chosen = current_templates(store, ["r"], rng=random.Random(0), query="norway fjords",
+                                   examples=DynamicExamples(store, k=1))["r"]
+        plain = current_templates(store, ["r"], rng=random.Random(0))["r"]
+    assert chosen["id"] == "r/manual@1" and "User: fjords in norway" in chosen["text"] and "cats" not in chosen["text"]
+    assert plain["text"].strip() == "Find things."  # no store calls asked for: the variable renders empty
