@@ -12,7 +12,6 @@ SQL on the same sales database the agents query. The last line is one JSON objec
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sqlite3
 import sys
@@ -62,17 +61,16 @@ def run_round(queries: dict[str, dict], config: str, binding: str | None, rounds
 
 
 def activate_children(url: str, outcomes: list) -> list[str]:
-    """Make each written child its route's active template (a version above its parent)."""
+    """Make each written child what its route's runs use: its parent is retired, so the child is the one live
+    template selection can draw (a bench shortcut for the trials selection would otherwise spend)."""
+    from prompts.store import retire
+
     made = []
     with CaptureStore.open(url) as store:
         for o in outcomes:
-            if not o.written:
-                continue
-            templates = {t.id: t for t in store.list_templates(o.route)}
-            child, parent = templates[o.written[0]], templates.get(o.parent_id or "")
-            version = (parent.version if parent else 0) + 1
-            store.upsert_template(dataclasses.replace(child, active=True, version=version))
-            made.append(child.id)
+            if o.written and o.parent_id:
+                retire(store, o.parent_id, "bench: replaced by its evolved child")
+                made.append(o.written[0])
     return made
 
 
