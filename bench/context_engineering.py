@@ -161,13 +161,15 @@ async def bench_model(binding: str, args: argparse.Namespace) -> dict[str, Any]:
             pool += [o for o in map(observation, tried[template["id"]]) if not o.failed]
             log(f"generation {generation}, {kind}: {child.reason}; evolution slice "
                 f"{rates(tried[template['id']])['valid']:.0%} valid\n{child.text}\n")
-        order = {t: i for i, t in enumerate(scores)}  # a tie goes to the newer template: evolution goes on
+        order = {t: i for i, t in enumerate(scores)}  # evolution goes on from the newer of tied templates
         best = max(scores, key=lambda t: (scores[t], order[t]))
         lineage.append({"generation": generation, "scores": dict(scores), "best": best})
         if best == current["id"]:
             break
         current, current_answers = templates[best], tried[best]
-    selected = current
+    # Selection proper: the highest posterior mean, a tie kept by the older template (evolution went on from
+    # the newer one, but a child no better on the evidence does not replace its parent).
+    selected = templates[max(scores, key=lambda t: (scores[t], -list(scores).index(t)))]
     log(f"selection (posterior mean of validity on the evolution slice): {scores} -> {selected['id']}")
     index.add(e for e in map(example_of, pool) if e is not None)
 
