@@ -197,3 +197,34 @@ def m005_rollout(conn: Connection) -> None:
         Column("created_at", DateTime(timezone=True), nullable=False),
         Index("ix_feedback_call_id", "call_id"),
     )
+
+
+@migration
+def m007_models(conn: Connection) -> None:
+    # The registry of trained models and the learning loop's log of what each run decided and why.
+    _create_table(
+        conn, "models",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("base", String, nullable=False),
+        Column("adapter", String),
+        Column("gguf", String),
+        Column("binding", String, nullable=False),
+        Column("dataset_hash", String),
+        Column("metrics", JSON),
+        Column("status", String, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_models_route_created_at", "route", "created_at"),
+    )
+    _create_table(
+        conn, "loop_runs",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("status", String, nullable=False),
+        Column("reason", String, nullable=False),
+        Column("steps", JSON),
+        Column("model_id", String),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True)),
+        Index("ix_loop_runs_route_started_at", "route", "started_at"),
+    )
