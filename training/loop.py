@@ -200,8 +200,9 @@ def last_run_start(store: Any, route: str) -> Any:
     return None
 
 
-def run_route(settings: Settings, store: Any, route: str, steps: Steps = REAL_STEPS) -> LoopRunRecord:
+def run_route(settings: Settings, store: Any, route: str, steps: Steps | None = None) -> LoopRunRecord:
     """One loop run on one route; never raises for a failing step (the run records it as failed)."""
+    steps = steps or REAL_STEPS
     from app.routing.routes import RouteStates
     from training.registry import promote
 
@@ -278,7 +279,7 @@ def loop_routes(settings: Settings, routes: Iterable[str] | None = None) -> list
 
 
 def run_loop(settings: Settings, store: Any, routes: Iterable[str] | None = None,
-             steps: Steps = REAL_STEPS) -> list[LoopRunRecord]:
+             steps: Steps | None = None) -> list[LoopRunRecord]:
     """One loop run on each route, one after another."""
     return [run_route(settings, store, route, steps) for route in loop_routes(settings, routes)]
 
@@ -289,7 +290,7 @@ class Schedule:
     """Runs the loop every `[loop] every_s` seconds in a daemon thread. Among several serving processes on one
     machine only one runs it at a time (an exclusive lock on `<loop dir>/loop.lock`); the others skip their turn."""
 
-    def __init__(self, settings: Settings, store: Any, steps: Steps = REAL_STEPS):
+    def __init__(self, settings: Settings, store: Any, steps: Steps | None = None):
         self.settings, self.store, self.steps = settings, store, steps
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="slmswap-loop", daemon=True)
