@@ -18,6 +18,7 @@ from rich.text import Text
 from app.capture.redact import redact_text
 from app.cli_dataset import dataset_app
 from app.cli_models import loop, models_app
+from app.cli_train import train_command
 from app.errors import SlmSwapError, UsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="slm-swap: move LLM calls of agent workflows to small local models.")
@@ -32,6 +33,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(models_app, name="models")
 app.command("loop")(loop)
+app.command("train")(train_command)
 
 out = Console()
 err = Console(stderr=True)
