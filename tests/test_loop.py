@@ -20,6 +20,7 @@ from app.routing.context import CallContext
 from app.routing import router as router_module
 from app.routing.router import Router
 from app.wire import ChatRequest
+from tests.support.requires import require
 from tests.support.scripted import tool
 from tests.test_cli import slmswap
 from training import loop
@@ -196,7 +197,7 @@ def test_the_schedule_skips_its_turn_while_another_process_holds_the_lock(script
         with open(Path(settings.loop.dir, "loop.lock")) as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             assert schedule.tick() == []
-    assert loop.start_schedule(settings, None) is None  # no every_s: nothing runs inside serve
+        assert loop.start_schedule(settings, store) is None  # no every_s: nothing runs inside serve
 
 
 def test_loop_refuses_a_route_that_does_not_exist(capsys, scripted):
@@ -205,3 +206,54 @@ def test_loop_refuses_a_route_that_does_not_exist(capsys, scripted):
     assert code == 2 and "no route is named 'nope'; the routes are:" in err
     code, _, err = slmswap(capsys, "loop")
     assert code == 2 and "--once" in err
+
+
+# ---- end to end: the real steps --------------------------------------------------------------------------
+
+def test_slmswap_loop_once_trains_exports_evaluates_registers_and_puts_the_student_at_shadow(capsys, scripted):
+    require("transformers")
+    require("llama_cpp")
+    require("training.export")  # H3's export (branch s13-export): present once that branch is merged
+    configure(share=0.5, student="scripted:old")
+    capture(scripted, 12)
+    scripted("old").default = tool("get_weather", city="Paris", unit="celsius")  # exact: the candidate cannot beat it
+    code, out, err = slmswap(capsys, "loop", "--once")
+    assert code == 0, out + err
+    with CaptureStore.open(load_settings().store.url) as store:
+        [first] = store.list_loop_runs()
+        [candidate] = store.list_models()
+    assert first.status == "not_promoted" and "does not beat the current student (100.0%)" in first.reason
+    exact = candidate.metrics["eval"]["exact"]
+    assert exact["scripted:t"] == 1.0 and exact[candidate.binding] == 1.0  # the grammar leaves one answer
+    assert candidate.binding.startswith("gguf:") and Path(candidate.gguf).is_file()
+    assert candidate.metrics["train"]["steps"] == 2 and candidate.dataset_hash
+
+    configure(min_new=1, share=0.5)  # no student now: reaching half the teacher's exact rate is enough
+    capture(scripted, 3, start=100)
+    code, out, err = slmswap(capsys, "loop", "--once")
+    assert code == 0 and "promoted" in out, out + err
+    with CaptureStore.open(load_settings().store.url) as store:
+        latest, _ = store.list_loop_runs()
+        model = store.get_model(latest.model_id)
+        state = store.route_states()["support"]
+    assert latest.status == "promoted" and model.status == "promoted"
+    assert (state.stage, state.student) == ("shadow", model.binding)
+    assert [s["step"] for s in latest.steps] == ["build", "train", "export", "evaluate", "decide", "promote"]
+
+
+def test_serve_runs_the_loop_on_its_schedule_only_when_configured(scripted):
+    import time
+
+    from app.server.routes import create_app
+    from app.services import Services
+    from tests.support.http import serve
+
+    configure(min_new=1000)
+    Path("slmswap.toml").write_text(Path("slmswap.toml").read_text() + "every_s = 0.05\n")
+    services = Services.from_settings(load_settings())
+    with serve(create_app(services.settings, services)):
+        deadline = time.monotonic() + 60  # a bound for a busy machine, not a timing assumption
+        while not services.store.list_loop_runs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        runs = services.store.list_loop_runs()
+    assert runs and {r.status for r in runs} == {"skipped"} and {r.route for r in runs} == {"support"}

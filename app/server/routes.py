@@ -199,7 +199,14 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        schedule = None
+        if settings.loop.every_s is not None:  # the learning loop on a schedule: opt-in, imported only then
+            from training.loop import start_schedule
+
+            schedule = start_schedule(settings, services.store)
         yield
+        if schedule is not None:
+            schedule.stop(timeout=0)  # a daemon thread: a run in progress dies with the process, stored as running
         await proxy.router.drain()
         services.close()
         shutdown_observability()  # flush what Langfuse has buffered
