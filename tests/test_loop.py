@@ -63,7 +63,7 @@ def capture(scripted, n: int, start: int = 0) -> list[str]:
 
         async def go():
             for i in range(start, start + n):
-                req = ChatRequest(model="support", tools=WEATHER, tool_choice="required",
+                req = ChatRequest(model="support", tools=WEATHER, tool_choice="required", parallel_tool_calls=False,
                                   messages=[{"role": "user", "content": f"Weather in Paris, in celsius? (#{i})"}])
                 await router.complete(req, CallContext(route="support", source="proxy", sticky_key=f"user{i}"))
             await router.drain()

@@ -163,7 +163,8 @@ def evaluate_step(ctx: LoopContext, bindings: tuple[str, ...]) -> dict[str, floa
     cfg = ctx.settings.loop
     summary = run_eval(EvalOptions(suite=f"captured:{ctx.route}", models=bindings, limit=cfg.eval_limit,
                                    out=ctx.folder / "eval", config=ctx.settings.source, max_tokens=cfg.max_tokens))
-    return {b: m["exact_rate"] for b, m in summary["models"].items()}
+    # The summary is keyed by each binding as shown (redacted), in the order given: read it by position.
+    return {b: m["exact_rate"] for b, m in zip(bindings, summary["models"].values(), strict=True)}
 
 
 REAL_STEPS = Steps(build=build_step, train=train_step, export=export_step, evaluate=evaluate_step)
