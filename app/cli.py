@@ -19,6 +19,7 @@ from app.capture.redact import redact_text
 from app.cli_dataset import dataset_app
 from app.cli_models import loop, models_app
 from app.cli_train import train_command
+from app.cli_templates import templates_app
 from app.errors import SlmSwapError, UsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="slm-swap: move LLM calls of agent workflows to small local models.")
@@ -34,6 +35,7 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(models_app, name="models")
 app.command("loop")(loop)
 app.command("train")(train_command)
+app.add_typer(templates_app, name="templates")
 
 out = Console()
 err = Console(stderr=True)
