@@ -5,7 +5,6 @@ steps on a store the Router filled from a scripted teacher."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from tests.support.requires import require
 from tests.support.scripted import tool
 from tests.test_cli import slmswap
 from training import loop
-from training.loop import Built, Exported, Schedule, Trained, enough_new_calls, new_qualifying, should_promote
+from training.loop import Exported, Schedule, Trained, enough_new_calls, new_qualifying, should_promote
 
 # BFCL-like: one function, its arguments in the question. The enum leaves a grammar one answer, so any model
 # decoding under it is exact, and which way the promotion goes is set by the test's config, not by luck.
