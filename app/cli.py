@@ -17,6 +17,8 @@ from rich.text import Text
 
 from app.capture.redact import redact_text
 from app.cli_dataset import dataset_app
+from app.cli_models import loop, models_app
+from app.cli_train import train_command
 from app.cli_templates import templates_app
 from prompts.cli_evolve import register as register_evolve  # the composition root adds prompts/' own commands
 from app.errors import SlmSwapError, UsageError
@@ -31,6 +33,9 @@ app.add_typer(rollout_app, name="rollout")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for `slmswap serve`.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(models_app, name="models")
+app.command("loop")(loop)
+app.command("train")(train_command)
 app.add_typer(templates_app, name="templates")
 register_evolve(templates_app)
 

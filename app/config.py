@@ -128,6 +128,28 @@ class EvolveConfig(Section):
     every_minutes: float = Field(0, ge=0)  # `serve` evolves every route on this period; 0: never
 
 
+class LoopConfig(Section):
+    """The learning loop (`slmswap loop`, or on a schedule inside `serve`): when to train a route's student, how,
+    and when to promote it to shadow."""
+
+    every_s: float | None = Field(None, gt=0)  # run inside `slmswap serve` this often; None: only by hand
+    routes: list[str] = []  # the routes it looks at (empty: every route)
+    min_new_calls: int = Field(100, ge=1)  # qualifying calls captured since the route's last loop run
+    min_examples: int = Field(20, ge=1)  # training examples a dataset needs
+    share_of_teacher: float = Field(0.9, gt=0, le=1)  # candidate exact >= this x teacher exact to promote
+    base: str = DEFAULT_BINDING  # what a student is trained from
+    presets: dict[str, str] = {"orchestrator": "orchestrator"}  # per route; others use default_preset
+    default_preset: str = "subagent"
+    max_steps: int | None = Field(None, ge=1)  # wins over epochs
+    epochs: float | None = Field(None, gt=0)
+    eval_limit: int | None = Field(None, ge=1)  # held-out calls evaluated at most
+    max_tokens: int = Field(256, ge=16)
+    dir: str = ".slmswap/loop"  # where datasets, runs and evaluations of each loop run go
+
+    def preset(self, route: str) -> str:
+        return self.presets.get(route, self.default_preset)
+
+
 class LangfuseConfig(Section):
     public_key: str | None = None
     secret_key: SecretStr | None = None  # never printed with the settings
@@ -162,6 +184,7 @@ class Settings(BaseSettings):
     cost: CostConfig = CostConfig()
     capture: CaptureConfig = CaptureConfig()
     evolve: EvolveConfig = EvolveConfig()
+    loop: LoopConfig = LoopConfig()
     templates: TemplatesConfig = TemplatesConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None

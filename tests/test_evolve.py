@@ -173,10 +173,10 @@ def test_serve_schedule_is_off_by_default_and_runs_evolution_when_configured(tmp
 
     url = f"sqlite:///{tmp_path / 'c.db'}"
     (tmp_path / "slmswap.toml").write_text(f'[store]\nurl = "{url}"\n')
-    assert scheduled_jobs(load_settings(tmp_path / "slmswap.toml")) == ()
+    assert scheduled_jobs(load_settings(tmp_path / "slmswap.toml"), None) == ()
     (tmp_path / "slmswap.toml").write_text(f'[store]\nurl = "{url}"\n[evolve]\nevery_minutes = 0.5\nexamples = 0\n')
     settings = load_settings(tmp_path / "slmswap.toml")
-    (job,) = scheduled_jobs(settings)
+    (job,) = scheduled_jobs(settings, None)
     assert job.seconds == 30
     with CaptureStore.open(url) as store:
         add_template(store, "r", "Call the search tool.", origin="base", template_id="r/base@1")

@@ -247,3 +247,34 @@ def m006_templates(conn: Connection) -> None:
                   Column("content_hash", String))
     Index("ix_templates_route_status", table.c.route, table.c.status).create(conn)
     Index("ux_templates_route_hash", table.c.route, table.c.content_hash, unique=True).create(conn)
+
+
+@migration
+def m007_models(conn: Connection) -> None:
+    # The registry of trained models and the learning loop's log of what each run decided and why.
+    _create_table(
+        conn, "models",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("base", String, nullable=False),
+        Column("adapter", String),
+        Column("gguf", String),
+        Column("binding", String, nullable=False),
+        Column("dataset_hash", String),
+        Column("metrics", JSON),
+        Column("status", String, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_models_route_created_at", "route", "created_at"),
+    )
+    _create_table(
+        conn, "loop_runs",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("status", String, nullable=False),
+        Column("reason", String, nullable=False),
+        Column("steps", JSON),
+        Column("model_id", String),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True)),
+        Index("ix_loop_runs_route_started_at", "route", "started_at"),
+    )

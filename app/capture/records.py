@@ -202,3 +202,37 @@ def call_summary(call: CallRecord) -> dict[str, Any]:
             "template_id": call.template_id, "latency_ms": round(call.latency_ms, 1),
             "tokens": call.prompt_tokens + call.completion_tokens, "valid": call.valid,
             "error_type": call.error_type, "cost_usd": call.cost_usd}
+
+
+ModelStatus = Literal["candidate", "promoted", "retired", "failed"]
+LoopStatus = Literal["running", "skipped", "promoted", "not_promoted", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """One trained model in the registry: what it was trained from, what serves it, how it scored."""
+
+    route: str
+    base: str  # the binding it was trained on
+    binding: str  # the binding that serves it (e.g. gguf:smollm2-135m?lora=...)
+    status: ModelStatus = "candidate"
+    adapter: str | None = None  # the peft adapter folder
+    gguf: str | None = None  # the GGUF file llama.cpp serves it from (LoRA or merged)
+    dataset_hash: str | None = None
+    metrics: dict[str, Any] | None = None
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopRunRecord:
+    """One run of the learning loop on one route: how it ended, why, and what each step decided."""
+
+    route: str
+    status: LoopStatus
+    reason: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    model_id: str | None = None
+    id: str = field(default_factory=new_id)
+    started_at: datetime = field(default_factory=utcnow)
+    finished_at: datetime | None = None

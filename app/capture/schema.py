@@ -110,3 +110,33 @@ feedback = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_feedback_call_id", "call_id"),
 )
+
+models = Table(
+    "models",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("route", String, nullable=False),
+    Column("base", String, nullable=False),  # the binding trained on, e.g. gguf:smollm2-135m
+    Column("adapter", String),  # the peft adapter folder
+    Column("gguf", String),  # what llama.cpp serves: the GGUF LoRA (or merged model) file
+    Column("binding", String, nullable=False),  # the binding that serves it, e.g. gguf:smollm2-135m?lora=...
+    Column("dataset_hash", String),
+    Column("metrics", JSON),  # training metrics and the evaluation against the teacher
+    Column("status", String, nullable=False),  # candidate | promoted | retired | failed; added by m007
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_models_route_created_at", "route", "created_at"),
+)
+
+loop_runs = Table(
+    "loop_runs",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("route", String, nullable=False),
+    Column("status", String, nullable=False),  # running | skipped | promoted | not_promoted | failed; m007
+    Column("reason", String, nullable=False),  # why it ended so, in words
+    Column("steps", JSON),  # [{step, decision, ...evidence}] in the order they ran
+    Column("model_id", String),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Index("ix_loop_runs_route_started_at", "route", "started_at"),
+)

@@ -25,17 +25,21 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.capture.engine import FIX, open_engine, write_transaction
 from app.capture.migrations import migrate
-from app.capture.records import (AgentStats, CallRecord, Outcomes, RouteStateRecord, RunRecord, RunStatus, Source,
-                                 StageChange, TemplateRecord, TemplateStatus, new_id, template_outcome,
+from app.capture.records import (AgentStats, CallRecord, LoopRunRecord, ModelRecord, ModelStatus, Outcomes,
+                                 RouteStateRecord, RunRecord, RunStatus, Source, StageChange, TemplateRecord,
+                                 TemplateStatus, new_id, template_outcome,
                                  utcnow)
 from app.capture.redact import redact, redact_text
-from app.capture.schema import calls, feedback, route_state, runs, stage_changes, templates
+from app.capture.schema import calls, feedback, loop_runs, models, route_state, runs, stage_changes, templates
 from app.capture.writer import CompiledInsert, GroupCommitWriter
 from app.errors import StoreError, UsageError
 
 _CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
 _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _TEMPLATE_FIELDS = tuple(f.name for f in fields(TemplateRecord))
+_MODEL_FIELDS = tuple(f.name for f in fields(ModelRecord))
+_LOOP_FIELDS = tuple(f.name for f in fields(LoopRunRecord))
+_MODEL_STATUSES = frozenset(get_args(ModelStatus))
 _SOURCES = frozenset(get_args(Source))
 _TEMPLATE_STATUSES = frozenset(get_args(TemplateStatus))
 _FINAL_STATUSES = frozenset(get_args(RunStatus)) - {"running", "died"}
@@ -272,6 +276,12 @@ class CaptureStore:
                                                   comment=_redact_opt(comment), created_at=utcnow()))
         return feedback_id
 
+    def feedback_rows(self) -> list[tuple[str, float | None, bool | None]]:
+        """Every feedback judgement as (call_id, score, success); `training.datasets.feedback_verdicts` reads them."""
+        query = select(feedback.c.call_id, feedback.c.score, feedback.c.success)
+        with self._engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(query)]
+
     def student_outcomes(self, route: str, since: datetime) -> Outcomes:
         """The route's judged student calls since `since`: answering ones and shadow ones.
 
@@ -310,6 +320,74 @@ class CaptureStore:
                  .where(cond).group_by(calls.c.route, calls.c.role, calls.c.fallback_reason, replaced)
                  .order_by(calls.c.route, calls.c.role))
         return [dict(row) for row in self._fetch(query)]
+
+    # ---- registry: trained models and the learning loop's runs -------------------------------------------
+
+    def add_model(self, model: ModelRecord) -> ModelRecord:
+        """Register a trained model (status candidate unless given)."""
+        self._check_open()
+        _check_model_status(model.status)
+        row = {k: getattr(model, k) for k in _MODEL_FIELDS} | {"created_at": _utc(model.created_at)}
+        with write_transaction(self._engine) as conn:
+            conn.execute(models.insert().values(**row))
+        return model
+
+    def list_models(self, route: str | None = None, status: str | None = None,
+                    limit: int = 100) -> list[ModelRecord]:
+        """The newest models first, optionally of one route or one status."""
+        query = select(models).order_by(models.c.created_at.desc(), models.c.id.desc()).limit(limit)
+        if route is not None:
+            query = query.where(models.c.route == route)
+        if status is not None:
+            query = query.where(models.c.status == status)
+        return [_model(row) for row in self._fetch(query)]
+
+    def get_model(self, id_or_prefix: str) -> ModelRecord:
+        """The model with this id, or the only one whose id starts with it; UsageError otherwise."""
+        if not id_or_prefix:
+            raise UsageError("give a model id or its first characters (see `slmswap models list`)")
+        rows = self._fetch(select(models).where(models.c.id == id_or_prefix))
+        rows = rows or self._fetch(select(models).where(models.c.id.startswith(id_or_prefix, autoescape=True))
+                                   .order_by(models.c.id).limit(3))
+        if not rows:
+            raise UsageError(f"no model has an id starting with {id_or_prefix!r}; list them with `slmswap models list`")
+        if len(rows) > 1:
+            raise UsageError(f"{id_or_prefix!r} matches more than one model ({rows[0]['id']}, {rows[1]['id']}, ...); "
+                             "give more characters")
+        return _model(rows[0])
+
+    def set_model_status(self, model_id: str, status: str) -> None:
+        """Mark a registered model candidate, promoted, retired or failed."""
+        self._check_open()
+        _check_model_status(status)
+        with write_transaction(self._engine) as conn:
+            if not conn.execute(models.update().where(models.c.id == model_id).values(status=status)).rowcount:
+                raise UsageError(f"no model has id {model_id!r}; list them with `slmswap models list`")
+
+    def update_model_metrics(self, model_id: str, metrics: dict[str, Any]) -> None:
+        """Replace a registered model's metrics (the loop adds its evaluation after registering it)."""
+        self._check_open()
+        with write_transaction(self._engine) as conn:
+            if not conn.execute(models.update().where(models.c.id == model_id).values(metrics=metrics)).rowcount:
+                raise UsageError(f"no model has id {model_id!r}; list them with `slmswap models list`")
+
+    def add_loop_run(self, run: LoopRunRecord) -> None:
+        """Insert a loop run, or replace the one with the same id (a run is written when it starts and ends)."""
+        self._check_open()
+        row = {k: getattr(run, k) for k in _LOOP_FIELDS}
+        row |= {"reason": redact_text(run.reason), "steps": redact(run.steps), "started_at": _utc(run.started_at),
+                "finished_at": _utc(run.finished_at)}
+        with write_transaction(self._engine) as conn:
+            if not conn.execute(loop_runs.update().where(loop_runs.c.id == run.id).values(**row)).rowcount:
+                conn.execute(loop_runs.insert().values(**row))
+
+    def list_loop_runs(self, route: str | None = None, limit: int = 50) -> list[LoopRunRecord]:
+        """The newest loop runs first, optionally of one route."""
+        query = select(loop_runs).order_by(loop_runs.c.started_at.desc(), loop_runs.c.id.desc()).limit(limit)
+        if route is not None:
+            query = query.where(loop_runs.c.route == route)
+        return [LoopRunRecord(**{**dict(row), "started_at": _utc(row["started_at"]),
+                                 "finished_at": _utc(row["finished_at"])}) for row in self._fetch(query)]
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -430,6 +508,15 @@ def _died(pid: int | None, host: str | None) -> bool:
 
 def _route_state(row) -> RouteStateRecord:
     return RouteStateRecord(**{**dict(row), "since": _utc(row["since"])})
+
+
+def _model(row) -> ModelRecord:
+    return ModelRecord(**{k: row[k] for k in _MODEL_FIELDS} | {"created_at": _utc(row["created_at"])})
+
+
+def _check_model_status(status: str) -> None:
+    if status not in _MODEL_STATUSES:
+        raise UsageError(f"a model's status is one of {', '.join(sorted(_MODEL_STATUSES))}, not {status!r}")
 
 
 def _template(row) -> TemplateRecord:

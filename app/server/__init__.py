@@ -22,19 +22,26 @@ def app_factory():
     settings = load_settings()
     services = Services.from_settings(settings)
     return create_app(settings, services, ProxyPrompts(services.store) if services.store is not None else None,
-                      periodic=scheduled_jobs(settings))
+                      periodic=scheduled_jobs(settings, services.store))
 
 
-def scheduled_jobs(settings):
-    """The jobs `serve` runs on a period, from the config: template evolution when `[evolve] every_minutes` > 0.
-    This factory is the server's composition root, so it alone reaches up to prompts/ (lazily)."""
+def scheduled_jobs(settings, store):
+    """The jobs `serve` runs on a period, from the config: template evolution when `[evolve] every_minutes` > 0,
+    the learning loop when `[loop] every_s` is set. This factory is the server's composition root, so it alone
+    reaches up to prompts/ and training/ (lazily, only for the jobs configured)."""
     from app.server.schedule import Periodic
 
-    if settings.evolve.every_minutes <= 0:
-        return ()
-    from prompts.cli_evolve import scheduled_evolution
+    jobs = []
+    if settings.evolve.every_minutes > 0:
+        from prompts.cli_evolve import scheduled_evolution
 
-    return (Periodic("templates evolve", settings.evolve.every_minutes * 60, scheduled_evolution(settings)),)
+        jobs.append(Periodic("templates evolve", settings.evolve.every_minutes * 60, scheduled_evolution(settings)))
+    if settings.loop.every_s is not None and store is not None:
+        from training.loop import Schedule
+
+        # Schedule.tick takes a machine-wide lock, so with --workers N one process trains at a time.
+        jobs.append(Periodic("learning loop", settings.loop.every_s, Schedule(settings, store).tick))
+    return tuple(jobs)
 
 
 def serve(host: str, port: int, workers: int, config: str | None, allow_unauthenticated: bool) -> None:
