@@ -349,3 +349,7 @@ def _store(config: str | None):
     from app.config import load_settings
 
     return CaptureStore.open(load_settings(config).store.url)
+
+
+if __name__ == "__main__":  # python -m app.cli
+    main()

@@ -248,6 +248,7 @@ def test_slmswap_loop_once_trains_exports_evaluates_registers_and_puts_the_stude
 def test_serve_runs_the_loop_on_its_schedule_only_when_configured(scripted):
     import time
 
+    from app.server import scheduled_jobs
     from app.server.routes import create_app
     from app.services import Services
     from tests.support.http import serve
@@ -255,7 +256,7 @@ def test_serve_runs_the_loop_on_its_schedule_only_when_configured(scripted):
     configure(min_new=1000)
     Path("slmswap.toml").write_text(Path("slmswap.toml").read_text() + "every_s = 0.05\n")
     services = Services.from_settings(load_settings())
-    with serve(create_app(services.settings, services)):
+    with serve(create_app(services.settings, services, periodic=scheduled_jobs(services.settings, services.store))):
         deadline = time.monotonic() + 60  # a bound for a busy machine, not a timing assumption
         while not services.store.list_loop_runs() and time.monotonic() < deadline:
             time.sleep(0.05)
