@@ -18,7 +18,7 @@ class PromptFormat:
     end_of_turn: str
 
 
-def load_base(target: str, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any]:
+def load_base(target: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.local_models import ALIASES, resolve_model
@@ -29,7 +29,7 @@ def load_base(target: str, device: str = "cpu", dtype: Any = None) -> tuple[Any,
     model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kw)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    return model.to(device), AutoTokenizer.from_pretrained(root, **kw)
+    return model.to("cpu" if device == "auto" else device), AutoTokenizer.from_pretrained(root, **kw)
 
 
 def prompt_format_for(target: str) -> PromptFormat:

@@ -352,7 +352,7 @@ class _Engine:
             raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
         if device == "cuda" and options.unsloth and _has_unsloth():
             return cls._unsloth(base, preset, options)
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
         model, tokenizer = _load_base(base.target, device, dtype)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -375,7 +375,7 @@ def _has_unsloth() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def _load_base(target: str, device: str, dtype: Any) -> tuple[Any, Any]:
+def _load_base(target: str, device: str, dtype: str) -> tuple[Any, Any]:
     try:
         from app.backends.hf_load import load_base
     except ImportError:
@@ -389,7 +389,7 @@ def _plain_checkpoint(base: Base) -> Path:
         return Path(base.target)
     from app.backends import hf_load
 
-    return Path(hf_load.plain_checkpoint(base.target))
+    return Path(hf_load.plain_checkpoint(base.gguf))
 
 
 # ---- SFT and DPO -----------------------------------------------------------------------------------------
@@ -400,6 +400,7 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    # trl turns gradient checkpointing on by default; it saves memory that only a GPU run needs and costs time on CPU.
     args = SFTConfig(
         output_dir=str(options.out / CHECKPOINTS_DIR), max_steps=options.max_steps or -1,
         num_train_epochs=config["epochs"], learning_rate=config["learning_rate"],
@@ -407,7 +408,8 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
         warmup_steps=_warmup_steps(config, len(rows["train"])), logging_steps=1, save_strategy="steps",
         save_steps=options.save_steps, save_total_limit=2, seed=options.seed, data_seed=options.seed,
         report_to="none", disable_tqdm=True, completion_only_loss=True, max_length=None,
-        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0)
+        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0,
+        gradient_checkpointing=engine.device == "cuda")
     callback = _progress_callback("sft", progress)
     trainer = SFTTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(rows["train"]),
                          eval_dataset=Dataset.from_list(rows["val"]) if rows.get("val") else None,
@@ -463,7 +465,8 @@ def _dpo(engine: _Engine, pairs: LoadedDataset, base: Base, config: dict[str, An
         num_train_epochs=1, learning_rate=config["learning_rate"] / 4, beta=options.dpo_beta,
         per_device_train_batch_size=min(config["batch_size"], 2), logging_steps=1, save_strategy="no",
         seed=options.seed, report_to="none", disable_tqdm=True, max_length=config["max_length"],
-        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0)
+        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0,
+        gradient_checkpointing=engine.device == "cuda")
     callback = _progress_callback("dpo", progress)
     trainer = DPOTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(texts["train"]),
                          processing_class=engine.tokenizer, callbacks=[callback])
