@@ -414,6 +414,7 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
     trainer = SFTTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(rows["train"]),
                          eval_dataset=Dataset.from_list(rows["val"]) if rows.get("val") else None,
                          processing_class=engine.tokenizer, peft_config=engine.peft_config, callbacks=[callback])
+    _quiet(trainer)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     engine.model, engine.peft_config = trainer.model, None
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -425,6 +426,13 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
     if rows.get("val"):
         metrics["val_loss"] = trainer.evaluate().get("eval_loss")
     return metrics
+
+
+def _quiet(trainer: Any) -> None:
+    """No log dicts printed on stdout (the trainer prints them when its tqdm is off): `progress` reports steps."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
 
 def _warmup_steps(config: dict[str, Any], n_rows: int) -> int:
@@ -470,6 +478,7 @@ def _dpo(engine: _Engine, pairs: LoadedDataset, base: Base, config: dict[str, An
     callback = _progress_callback("dpo", progress)
     trainer = DPOTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(texts["train"]),
                          processing_class=engine.tokenizer, callbacks=[callback])
+    _quiet(trainer)
     trainer.train()
     engine.model = trainer.model
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
