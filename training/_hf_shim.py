@@ -1,10 +1,9 @@
-"""TEMPORARY stand-ins for H1's app/backends/hf_load.py and chat_format's training functions (same names and
-signatures), so the trainer runs before s13-hf is merged. Delete once `app.backends.hf_load` exists."""
+"""TEMPORARY stand-ins for chat_format's training functions of s13-hf (same names and signatures), so the trainer
+runs before they land. Delete once `app.backends.chat_format.training_ids` exists (train._formats picks it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from app.backends import chat_format
@@ -16,20 +15,6 @@ from app.wire import Message
 class PromptFormat:
     family: str
     end_of_turn: str
-
-
-def load_base(target: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from app.local_models import ALIASES, resolve_model
-
-    path = resolve_model(target) if target in ALIASES or target.endswith(".gguf") else Path(target)
-    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    root = path.parent if kw else path
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kw)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    return model.to("cpu" if device == "auto" else device), AutoTokenizer.from_pretrained(root, **kw)
 
 
 def prompt_format_for(target: str) -> PromptFormat:

@@ -152,26 +152,29 @@ def resolve_base(binding: str) -> Base:
 
 
 def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file; UsageError when the file is not GGUF."""
+    """`general.architecture` of a GGUF file (hf_load reads it); UsageError when the file is not GGUF."""
+    from app.backends import hf_load
+
     try:
-        from gguf import GGUFReader
+        arch = hf_load.gguf_architecture(path)
     except ImportError:
         raise MissingDependency("training needs the train extra: pip install -e '.[train]'") from None
-    try:
-        field_ = GGUFReader(str(path)).fields.get("general.architecture")
     except (ValueError, OSError, IndexError) as exc:
         raise UsageError(f"{path} is not a GGUF model file ({exc}); give a .gguf file or an alias") from None
-    if field_ is None:
+    if not arch:
         raise UsageError(f"{path} has no general.architecture; it is not a GGUF model file llama.cpp can serve")
-    return bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
+    return arch
 
 
 def supported_architectures() -> tuple[str, ...]:
+    """The GGUF architectures transformers loads (hf_load) that are decoder-only, so the trainer can use them."""
+    from app.backends import hf_load
+
     try:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    except ImportError:
+        loadable = hf_load.supported_architectures()
+    except MissingDependency:
         raise MissingDependency("training needs the train extra: pip install -e '.[train]'") from None
-    return tuple(a for a in CAUSAL_GGUF_ARCHITECTURES if a in GGUF_SUPPORTED_ARCHITECTURES)
+    return tuple(a for a in CAUSAL_GGUF_ARCHITECTURES if a in loadable)
 
 
 def check_gguf_architecture(path: Path) -> str:
@@ -319,7 +322,8 @@ def tokenize_rows(data: LoadedDataset, base: Base, tokenizer: Any, max_length: i
 
 
 def _formats() -> Any:
-    """The module with prompt_format_for / training_text / training_ids (H1's chat_format, else the shim)."""
+    """The module with prompt_format_for / training_text / training_ids: chat_format once s13-hf's format
+    functions land there; until then the temporary stand-in `training/_hf_shim.py` (delete it then)."""
     from app.backends import chat_format
 
     if hasattr(chat_format, "training_ids"):
@@ -376,10 +380,8 @@ def _has_unsloth() -> bool:
 
 
 def _load_base(target: str, device: str, dtype: str) -> tuple[Any, Any]:
-    try:
-        from app.backends.hf_load import load_base
-    except ImportError:
-        from training._hf_shim import load_base
+    from app.backends.hf_load import load_base
+
     return load_base(target, device, dtype)
 
 
