@@ -322,15 +322,10 @@ def tokenize_rows(data: LoadedDataset, base: Base, tokenizer: Any, max_length: i
 
 
 def _formats() -> Any:
-    """The module with prompt_format_for / training_text / training_ids: chat_format once s13-hf's format
-    functions land there; until then the temporary stand-in `training/_hf_shim.py` (delete it then)."""
+    """The one prompt format module (serving and training share it)."""
     from app.backends import chat_format
 
-    if hasattr(chat_format, "training_ids"):
-        return chat_format
-    from training import _hf_shim
-
-    return _hf_shim
+    return chat_format
 
 
 # ---- the model -------------------------------------------------------------------------------------------
