@@ -152,26 +152,29 @@ def resolve_base(binding: str) -> Base:
 
 
 def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file; UsageError when the file is not GGUF."""
+    """`general.architecture` of a GGUF file (hf_load reads it); UsageError when the file is not GGUF."""
+    from app.backends import hf_load
+
     try:
-        from gguf import GGUFReader
+        arch = hf_load.gguf_architecture(path)
     except ImportError:
         raise MissingDependency("training needs the train extra: pip install -e '.[train]'") from None
-    try:
-        field_ = GGUFReader(str(path)).fields.get("general.architecture")
     except (ValueError, OSError, IndexError) as exc:
         raise UsageError(f"{path} is not a GGUF model file ({exc}); give a .gguf file or an alias") from None
-    if field_ is None:
+    if not arch:
         raise UsageError(f"{path} has no general.architecture; it is not a GGUF model file llama.cpp can serve")
-    return bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
+    return arch
 
 
 def supported_architectures() -> tuple[str, ...]:
+    """The GGUF architectures transformers loads (hf_load) that are decoder-only, so the trainer can use them."""
+    from app.backends import hf_load
+
     try:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    except ImportError:
+        loadable = hf_load.supported_architectures()
+    except MissingDependency:
         raise MissingDependency("training needs the train extra: pip install -e '.[train]'") from None
-    return tuple(a for a in CAUSAL_GGUF_ARCHITECTURES if a in GGUF_SUPPORTED_ARCHITECTURES)
+    return tuple(a for a in CAUSAL_GGUF_ARCHITECTURES if a in loadable)
 
 
 def check_gguf_architecture(path: Path) -> str:
@@ -319,14 +322,10 @@ def tokenize_rows(data: LoadedDataset, base: Base, tokenizer: Any, max_length: i
 
 
 def _formats() -> Any:
-    """The module with prompt_format_for / training_text / training_ids (H1's chat_format, else the shim)."""
+    """The one prompt format module (serving and training share it)."""
     from app.backends import chat_format
 
-    if hasattr(chat_format, "training_ids"):
-        return chat_format
-    from training import _hf_shim
-
-    return _hf_shim
+    return chat_format
 
 
 # ---- the model -------------------------------------------------------------------------------------------
@@ -352,7 +351,7 @@ class _Engine:
             raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
         if device == "cuda" and options.unsloth and _has_unsloth():
             return cls._unsloth(base, preset, options)
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
         model, tokenizer = _load_base(base.target, device, dtype)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -375,11 +374,9 @@ def _has_unsloth() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def _load_base(target: str, device: str, dtype: Any) -> tuple[Any, Any]:
-    try:
-        from app.backends.hf_load import load_base
-    except ImportError:
-        from training._hf_shim import load_base
+def _load_base(target: str, device: str, dtype: str) -> tuple[Any, Any]:
+    from app.backends.hf_load import load_base
+
     return load_base(target, device, dtype)
 
 
@@ -389,7 +386,7 @@ def _plain_checkpoint(base: Base) -> Path:
         return Path(base.target)
     from app.backends import hf_load
 
-    return Path(hf_load.plain_checkpoint(base.target))
+    return Path(hf_load.plain_checkpoint(base.gguf))
 
 
 # ---- SFT and DPO -----------------------------------------------------------------------------------------
@@ -400,6 +397,7 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    # trl turns gradient checkpointing on by default; it saves memory that only a GPU run needs and costs time on CPU.
     args = SFTConfig(
         output_dir=str(options.out / CHECKPOINTS_DIR), max_steps=options.max_steps or -1,
         num_train_epochs=config["epochs"], learning_rate=config["learning_rate"],
@@ -407,11 +405,13 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
         warmup_steps=_warmup_steps(config, len(rows["train"])), logging_steps=1, save_strategy="steps",
         save_steps=options.save_steps, save_total_limit=2, seed=options.seed, data_seed=options.seed,
         report_to="none", disable_tqdm=True, completion_only_loss=True, max_length=None,
-        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0)
+        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0,
+        gradient_checkpointing=engine.device == "cuda")
     callback = _progress_callback("sft", progress)
     trainer = SFTTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(rows["train"]),
                          eval_dataset=Dataset.from_list(rows["val"]) if rows.get("val") else None,
                          processing_class=engine.tokenizer, peft_config=engine.peft_config, callbacks=[callback])
+    _quiet(trainer)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     engine.model, engine.peft_config = trainer.model, None
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -423,6 +423,13 @@ def _sft(engine: _Engine, rows: dict[str, list[dict[str, list[int]]]], val_rows:
     if rows.get("val"):
         metrics["val_loss"] = trainer.evaluate().get("eval_loss")
     return metrics
+
+
+def _quiet(trainer: Any) -> None:
+    """No log dicts printed on stdout (the trainer prints them when its tqdm is off): `progress` reports steps."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
 
 def _warmup_steps(config: dict[str, Any], n_rows: int) -> int:
@@ -463,10 +470,12 @@ def _dpo(engine: _Engine, pairs: LoadedDataset, base: Base, config: dict[str, An
         num_train_epochs=1, learning_rate=config["learning_rate"] / 4, beta=options.dpo_beta,
         per_device_train_batch_size=min(config["batch_size"], 2), logging_steps=1, save_strategy="no",
         seed=options.seed, report_to="none", disable_tqdm=True, max_length=config["max_length"],
-        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0)
+        use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0,
+        gradient_checkpointing=engine.device == "cuda")
     callback = _progress_callback("dpo", progress)
     trainer = DPOTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(texts["train"]),
                          processing_class=engine.tokenizer, callbacks=[callback])
+    _quiet(trainer)
     trainer.train()
     engine.model = trainer.model
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

@@ -1,19 +1,26 @@
 """Chat messages to a local model's prompt text, and its tool-call output back to OpenAI tool calls.
 
-Two prompt families: ChatML (SmolLM2's GGUF template) and Gemma turns (Gemma-3-270M is a base model whose GGUF
-carries no template, so its turns are written here, system folded into the first user turn). Tools, calls and
-results are written and read by the one Hermes codec, `app/hermes.py`.
+The one prompt renderer for serving (llama.cpp, hf) and for training text (`training_text`, `training_ids`), so a
+LoRA learns exactly the tokens it is later served. `PromptFormat` picks, per model:
+- the model's own chat template (jinja, rendered as llama-cpp-python's Jinja2ChatFormatter does) when it has a tools
+  section in the Hermes format (`<tool_call>`), as the Qwen2.5-Coder GGUFs do;
+- else hand-written ChatML (SmolLM2: its template has no tools section) or Gemma turns (Gemma-3-270M's GGUF carries
+  no template; system folded into the first user turn).
+Tools, calls and results are written and read by the one Hermes codec, `app/hermes.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from app import hermes
 from app.wire import Message, ToolCall
 
 Family = Literal["chatml", "gemma"]
+FormatKind = Literal["chatml", "gemma", "template"]
+END_OF_TURN = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>"}
 
 CHATML_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # from the GGUF template
 
@@ -88,6 +95,197 @@ def render_gemma(turns: list[Turn]) -> str:
     roles = {"assistant": "model", "user": "user"}
     body = "".join(f"<start_of_turn>{roles[t.role]}\n{t.text}<end_of_turn>\n" for t in rest)
     return body + "<start_of_turn>model\n"
+
+
+# ---- the format a model is served (and trained) with ------------------------------------------------------
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one model's prompts are written: a hand-written family, or the model's own chat template."""
+
+    kind: FormatKind
+    end_of_turn: str
+    template: str | None = None  # the jinja chat template (kind "template")
+    bos_token: str = ""
+    eos_token: str = ""
+    _compiled: list[Any] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def family(self) -> Family:
+        """The hand-written family this format is closest to (the llama.cpp backend's `LocalModel.family`)."""
+        return "gemma" if self.kind == "gemma" else "chatml"
+
+    def render(self, messages: list[Message] | list[dict[str, Any]], functions: list[dict[str, Any]]) -> str:
+        """The prompt text, ending where the assistant's reply begins."""
+        msgs = _messages(messages)
+        if self.kind != "template":
+            return render_prompt(msgs, functions, self.kind)
+        return self._jinja(msgs, functions, add_generation_prompt=True)
+
+    def answer_text(self, messages: list[Message], functions: list[dict[str, Any]], answer: Message) -> str:
+        """What the model writes for `answer` after `render(messages, functions)`, through its end-of-turn marker."""
+        if self.kind != "template":
+            return assistant_text(answer) + self.end_of_turn
+        prompt = self._jinja(messages, functions, add_generation_prompt=True)
+        full = self._jinja([*messages, answer], functions, add_generation_prompt=False)
+        if not full.startswith(prompt) or self.end_of_turn not in full[len(prompt):]:
+            raise ValueError("this chat template does not render an answer as a continuation of its prompt")
+        rest = full[len(prompt):]
+        return rest[:rest.rindex(self.end_of_turn) + len(self.end_of_turn)]
+
+    def _jinja(self, messages: list[Message], functions: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if not self._compiled:
+            self._compiled.append(_compile(self.template or ""))
+        tools = [{"type": "function", "function": f} for f in functions] or None
+        return self._compiled[0].render(
+            messages=_template_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token, raise_exception=_raise, strftime_now=_strftime_now)
+
+
+def hand_format(family: Family) -> PromptFormat:
+    return PromptFormat(family, END_OF_TURN[family])
+
+
+def has_tools_section(template: str) -> bool:
+    """A chat template that renders `tools` itself, in the Hermes format this codec parses back."""
+    return "tools" in template and hermes.TOOL_OPEN in template
+
+
+def prompt_format_of(metadata: dict[str, str]) -> PromptFormat:
+    """The format for a GGUF's metadata (`llama.metadata`): its own template when that has a tools section,
+    else the hand-written family (`family_of`)."""
+    template = metadata.get("tokenizer.chat_template", "")
+    family = family_of(metadata)
+    if template and has_tools_section(template) and family == "chatml":
+        return PromptFormat("template", END_OF_TURN["chatml"], template, metadata.get("bos_token", ""),
+                            metadata.get("eos_token", ""))
+    return hand_format(family)
+
+
+def prompt_format_for(target: str) -> PromptFormat:
+    """The format for a training/serving target: an alias, a .gguf path, or an HF model / peft adapter directory
+    (a plain checkpoint made from a GGUF, or an adapter on one, gets its GGUF's format)."""
+    import json
+
+    target = target.removeprefix("gguf:").removeprefix("hf:")
+    from app.local_models import ALIASES, resolve_model
+
+    if target in ALIASES or target.endswith(".gguf"):
+        return prompt_format_of(gguf_metadata(resolve_model(target)))
+    path = Path(target).expanduser()
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        return prompt_format_for(json.loads(adapter.read_text())["base_model_name_or_path"])
+    source = path / "slmswap_source.json"
+    if source.is_file():
+        return prompt_format_for(json.loads(source.read_text())["gguf"])
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    tok = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    template = tok.get("chat_template") or ""
+    if not template and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    meta = {"general.architecture": str(config.get("model_type", "")), "tokenizer.chat_template": template,
+            "bos_token": _token_text(tok.get("bos_token")), "eos_token": _token_text(tok.get("eos_token"))}
+    return prompt_format_of(meta)
+
+
+def gguf_metadata(path: Path) -> dict[str, str]:
+    """The metadata `prompt_format_of` reads, from a GGUF header (no model load)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def text(key: str) -> str:
+        f = reader.fields.get(key)
+        return bytes(f.parts[f.data[0]]).decode() if f else ""
+
+    return {"general.architecture": text("general.architecture"),
+            "tokenizer.chat_template": text("tokenizer.chat_template")}
+
+
+def training_text(fmt: PromptFormat, messages: list[dict[str, Any]] | list[Message],
+                  tools: list[dict[str, Any]] | None, answer_message: dict[str, Any] | Message) -> tuple[str, str]:
+    """(prompt, completion): the prompt exactly as served for (messages, tools), and the answer as the model
+    writes it, ending with its end-of-turn marker."""
+    from app.toolplan import plan_tools
+
+    msgs = _messages(messages)
+    functions = plan_tools(tools).functions if tools else []
+    answer = answer_message if isinstance(answer_message, Message) else Message.model_validate(answer_message)
+    return fmt.render(msgs, functions), fmt.answer_text(msgs, functions, answer)
+
+
+def training_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(input_ids, completion_mask) for an HF tokenizer: the prompt tokenized as llama.cpp tokenizes it for serving
+    (special tokens parsed, BOS only where the model adds one), then the completion's tokens, mask 1 on those."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        p = [tokenizer.bos_token_id, *p]
+    return [*p, *c], [0] * len(p) + [1] * len(c)
+
+
+def _messages(messages: list[Message] | list[dict[str, Any]]) -> list[Message]:
+    return [m if isinstance(m, Message) else Message.model_validate(m) for m in messages]
+
+
+def _template_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as chat templates read them: system/developer merged first, call arguments as data."""
+    import json
+
+    system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        if m.role in ("system", "developer"):
+            continue
+        entry: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                try:
+                    args: Any = json.loads(c.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    args = c.function.arguments
+                calls.append({"type": "function", "id": c.id, "function": {"name": c.function.name, "arguments": args}})
+            entry["tool_calls"] = calls
+        out.append(entry)
+    return out
+
+
+def _compile(template: str) -> Any:
+    """The template compiled as llama-cpp-python's Jinja2ChatFormatter (and transformers) compile chat templates."""
+    import json
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class IgnoreGenerationTags(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[IgnoreGenerationTags, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return env.from_string(template)
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def _strftime_now(f: str) -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime(f)
+
+
+def _token_text(token: Any) -> str:
+    return token.get("content", "") if isinstance(token, dict) else (token or "")
 
 
 # ---- output ----------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class LocalModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _pieces: dict[int, bytes] = field(default_factory=dict)
     _tokenizer: Any = None
+    prompt_format: chat_format.PromptFormat | None = None  # None: the hand-written `family`
 
     @property
     def vocab(self) -> Any:
@@ -136,7 +137,8 @@ def _load(path: Path, options: GGUFOptions) -> LocalModel:
         raise BackendError(
             f"llama.cpp could not load {path}: {exc}; is it a GGUF file (and the LoRA one made for it)?"
         ) from None
-    return LocalModel(llm=llm, family=chat_format.family_of(llm.metadata), eog=_eog_tokens(llm), tags=tool_tags(llm))
+    fmt = chat_format.prompt_format_of(llm.metadata)
+    return LocalModel(llm=llm, family=fmt.family, eog=_eog_tokens(llm), tags=tool_tags(llm), prompt_format=fmt)
 
 
 def _eog_tokens(llm: Any) -> frozenset[int]:
@@ -411,7 +413,7 @@ class LlamaCppBackend:
         plan = request_plan(req)
         model = self.model()
         lark = request_lark(req, model.tags)
-        prompt = chat_format.render_prompt(req.messages, plan.functions, model.family)
+        prompt = (model.prompt_format or chat_format.hand_format(model.family)).render(req.messages, plan.functions)
         sampling = Sampling.from_request(req, self.options.seed)
         with model.lock, _engine_errors(model, self.binding.name):
             mask = _mask(model, lark) if lark else None
