@@ -70,7 +70,7 @@ def _captured_call(tmp_path) -> CallRecord:
     return stored
 
 
-@pytest.mark.parametrize("alias", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+@pytest.mark.parametrize("alias", ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"])
 def test_training_text_is_the_serving_prompt_plus_the_completion_token_for_token(alias, tmp_path):
     require("llama_cpp")
     require("transformers")

@@ -220,8 +220,11 @@ def training_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int
     (special tokens parsed, BOS only where the model adds one), then the completion's tokens, mask 1 on those."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        p = [tokenizer.bos_token_id, *p]
+    bos = tokenizer.bos_token_id
+    # BOS exactly where the tokenizer adds it to a text (Gemma), as llama.cpp does from the GGUF's add_bos_token;
+    # the tokenizer's `add_bos_token` attribute is not reliable (False on Gemma's, which adds one).
+    if bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos] and p[:1] != [bos]:
+        p = [bos, *p]
     return [*p, *c], [0] * len(p) + [1] * len(c)
 
 
