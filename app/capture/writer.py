@@ -7,12 +7,18 @@ SQLAlchemy's per-execute bookkeeping costs more than SQLite's insert itself. A K
 the caller's thread, never the writer's, and a batch is one transaction, so no batch is ever half written.
 Waking a caller never blocks the writer, wherever Ctrl-C left that caller (see `_Ticket`). On a database server
 the writer outlives a restart: a batch whose connection was cut is committed again on a fresh one.
+
+With a journal (`journal.py`), `journal()` returns as soon as one os.write() has made the row durable against the
+process being killed, without waiting for the commit: that is what answered proxy requests use. Journaled rows go
+through the same batches; what a process left in its journal is replayed (idempotently, by call id) when the next
+writer starts, before it takes new rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import threading
@@ -20,10 +26,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, Table
+from sqlalchemy import DateTime, Engine, Table
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
+from app.capture import journal as journal_mod
+from app.capture.journal import Journal, Segment
 from app.errors import StoreError
+
+log = logging.getLogger("slmswap.capture")
 
 Row = dict[str, Any]
 _STOP = object()
@@ -39,6 +50,11 @@ class CompiledInsert:
         dialect = engine.dialect
         compiled = table.insert().compile(dialect=dialect)
         self.sql = compiled.string
+        # Replaying a journal inserts rows that may be stored already (committed just before a kill): skip those.
+        ignoring = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect.name)
+        self.sql_ignoring_duplicates = (ignoring(table).on_conflict_do_nothing().compile(dialect=dialect).string
+                                        if ignoring else None)
+        self.datetime_keys = frozenset(c.key for c in table.columns if isinstance(c.type, DateTime))
         self._keys = list(compiled.positiontup) if compiled.positional else None
         self._processors = {c.key: c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.columns}
         # The sqlite3 connection is in autocommit mode (see engine.py), so a batch opens its own transaction.
@@ -64,13 +80,13 @@ class CompiledInsert:
         values = {k: (procs[k](v) if procs[k] else v) for k, v in row.items()}
         return tuple(values[k] for k in self._keys) if self._keys is not None else values
 
-    def run(self, dbapi_conn, params: list) -> None:
+    def run(self, dbapi_conn, params: list, ignore_duplicates: bool = False) -> None:
         """Insert rows (as `params`) in one transaction on a DBAPI connection; rolled back entirely on error."""
         cur = dbapi_conn.cursor()
         try:
             if self._begin:
                 cur.execute(self._begin)
-            cur.executemany(self.sql, params)
+            cur.executemany(self.sql_ignoring_duplicates if ignore_duplicates else self.sql, params)
             dbapi_conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):  # on a cut connection this fails too; report the first error
@@ -90,11 +106,11 @@ class _Ticket:
     forever, so the writer's `event.set()` hung, and with it every later commit and `close()` at exit.
     """
 
-    __slots__ = ("row", "params", "error", "done", "future")
+    __slots__ = ("row", "params", "error", "done", "future", "segment")
 
-    def __init__(self, row: Row | None, params, future: asyncio.Future | None = None):
-        self.row, self.params, self.future = row, params, future
-        self.done = None if future is not None else _held_lock()
+    def __init__(self, row: Row | None, params, future: asyncio.Future | None = None, segment: Segment | None = None):
+        self.row, self.params, self.future, self.segment = row, params, future, segment
+        self.done = None if future is not None or segment is not None else _held_lock()
         self.error: BaseException | None = None
 
 
@@ -108,7 +124,7 @@ class GroupCommitWriter:
     """Writes rows through one background thread; `write` returns once the row is committed."""
 
     def __init__(self, insert: CompiledInsert, *, describe: Callable[[Row, BaseException], str], max_batch=2000,
-                 reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS):
+                 reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS, journal_dir=None):
         self._insert = insert
         self._reconnect_delays = reconnect_delays
         self._conn = None  # the writer's own connection, opened on the first batch and again after a cut
@@ -121,6 +137,12 @@ class GroupCommitWriter:
         self.commits = 0  # transactions committed, for tests and the bench
         self.reconnects = 0  # connections replaced after a cut, for tests
         self.pending = 0  # tickets queued or being committed whose callers are not yet woken, for tests
+        self.journaled = 0  # journaled rows not yet committed (or refused): a reader of this process waits for them
+        self.replayed = 0  # rows replayed from journals that dead processes left, for tests
+        self._journal: Journal | None = None
+        if journal_dir is not None:
+            self._replay(journal_dir)
+            self._journal = Journal(journal_dir)
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
 
@@ -134,6 +156,14 @@ class GroupCommitWriter:
     def submit(self, row: Row) -> None:
         """Queue `row` for the next commit without waiting for it (nobody may be left to wait: an aborted call)."""
         self._submit(row)  # its lock is released by the writer and never acquired: nobody waits
+
+    def journal(self, row: Row) -> bool:
+        """Make `row` durable against this process dying with one write to the journal, and queue it for the
+        next commit without waiting; False (nothing done) when this writer has no journal."""
+        if self._journal is None:
+            return False
+        self._submit(row, journal=self._journal)
+        return True
 
     async def awrite(self, row: Row | None) -> None:
         """`write` without blocking the event loop."""
@@ -152,20 +182,30 @@ class GroupCommitWriter:
                 self._queue.put(_STOP)
         if self._thread is not threading.current_thread():
             self._thread.join()
+            if self._journal is not None:
+                self._journal.close()
 
-    def _submit(self, row: Row | None, future: asyncio.Future | None = None) -> _Ticket:
+    def _submit(self, row: Row | None, future: asyncio.Future | None = None, journal: Journal | None = None) -> _Ticket:
         # Serialize here, on the caller's thread: bad data fails its own caller, never the batch it would join.
         try:
             params = None if row is None else self._insert.params(row)
         except Exception as exc:
             raise StoreError(self._describe(row, exc)) from exc
-        ticket = _Ticket(row, params, future)
         if os.getpid() != self._pid:  # forked: the writer thread did not come along, nobody would commit this
             raise StoreError("this capture store was opened before a fork; open another with CaptureStore.open(url) "
                              "in this process")
         with self._lock:
             if self._closed:
                 raise StoreError("the capture store is closed; open it again with CaptureStore.open(url)")
+            segment = None
+            if journal is not None:
+                try:
+                    segment = journal.append(row)  # before it is queued: a commit may settle it at once
+                except (OSError, TypeError) as exc:
+                    raise StoreError(f"could not write the capture journal in {journal.directory}: {exc}; check "
+                                     "that its disk has room") from exc
+                self.journaled += 1
+            ticket = _Ticket(row, params, future, segment)
             self._queue.put(ticket)
             self.pending += 1
         return ticket
@@ -224,7 +264,7 @@ class GroupCommitWriter:
             except Exception as exc:
                 ticket.error = StoreError(self._describe(ticket.row, exc))
 
-    def _run_batch(self, params: list) -> None:
+    def _run_batch(self, params: list, ignore_duplicates: bool = False) -> None:
         """Insert `params` in one transaction; when the connection was cut, again on a fresh one (bounded backoff).
 
         The batch was rolled back with its connection, so nothing is written twice, unless the cut fell between
@@ -234,7 +274,10 @@ class GroupCommitWriter:
             try:
                 if self._conn is None:
                     self._conn = self._insert.connect()
-                self._insert.run(self._conn, params)
+                if ignore_duplicates:
+                    self._insert.run(self._conn, params, ignore_duplicates=True)
+                else:
+                    self._insert.run(self._conn, params)
                 return
             except Exception as exc:
                 if delay is None or not self._insert.is_disconnect(exc, self._conn):
@@ -264,15 +307,59 @@ class GroupCommitWriter:
         self._notify(tickets)
 
     def _notify(self, tickets: list[_Ticket]) -> None:
+        journaled = [t for t in tickets if t.segment is not None]
+        for ticket in journaled:  # nobody waits for these: settle them in the journal, and say why one failed
+            self._journal.settled(ticket.segment, ticket.error is None)
+            if ticket.error is not None:
+                log.error("a journaled call was not committed (it stays in %s and is replayed at the next start): "
+                          "%s", ticket.segment.path, ticket.error)
         with self._lock:
             self.pending -= len(tickets)
+            self.journaled -= len(journaled)
         _wake(tickets)
+
+    def _replay(self, directory) -> None:
+        """Commit what dead processes left in their journals (rows already stored are skipped), then delete
+        those segments. A segment that cannot be committed now stays for the next start."""
+        for path, rows, bad in journal_mod.orphans(directory):
+            params = []
+            for row in rows:
+                try:
+                    params.append(self._insert.params(journal_mod.revive(row, self._insert.datetime_keys)))
+                except Exception as exc:  # noqa: BLE001 - one unreadable row must not keep the others out
+                    bad += 1
+                    log.error("skipping a journaled call that cannot be stored (%s) in %s", exc, path)
+            try:
+                if params:
+                    self._replay_batch(params)
+            except Exception as exc:  # noqa: BLE001 - the store is away: keep the segment, open anyway
+                log.error("could not replay the capture journal %s (%d calls; kept for the next start): %s",
+                          path, len(params), exc)
+                continue
+            if bad:
+                log.error("%d unreadable lines in the capture journal %s were skipped", bad, path)
+            self.replayed += len(params)
+            path.unlink(missing_ok=True)
+        if self._conn is not None:  # back to the pool: the writer thread takes its own
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _replay_batch(self, params: list) -> None:
+        if self._insert.sql_ignoring_duplicates is not None:
+            self._run_batch(params, ignore_duplicates=True)
+            return
+        for one in params:  # a dialect without ON CONFLICT: row by row, a duplicate fails only itself
+            with contextlib.suppress(self._insert.integrity_error):
+                self._run_batch([one])
 
 
 def _wake(tickets: list[_Ticket]) -> None:
     """Wake the waiting threads, and each event loop once for all of its coroutines in this batch."""
     futures_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
     for ticket in tickets:
+        if ticket.segment is not None:  # journaled: nobody waits
+            continue
         if ticket.future is None:
             ticket.done.release()
         else:
