@@ -269,7 +269,8 @@ class CaptureStore:
         # A shadow call whose agreement was not judged (free text without a judge) says nothing either way.
         judged &= ~((calls.c.role == "shadow") & calls.c.agreement.is_(None) & calls.c.valid)
         ok = calls.c.valid & ~calls.c.agreement.is_(False) & ~calls.c.id.in_(negative)
-        self._settle()
+        # No _settle() here: the gates run in worker threads beside the request path and must never wait on a
+        # commit (a database held by another writer would pin those threads); calls still in flight count next time.
         query = select(func.count(), func.coalesce(func.sum(case((ok, 1), else_=0)), 0)).where(judged)
         with self._engine.connect() as conn:
             trials, successes = conn.execute(query).one()
