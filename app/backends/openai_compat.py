@@ -4,6 +4,12 @@
 binding options); `openai:<model>` reads `base_url` and the key from the variable `api_key_env` names. The client is
 built on first use, so a missing variable is reported when a route actually needs it, not at import.
 
+A non-streamed call goes out through `app/backends/http1.py` (a bare keep-alive HTTP/1.1 POST of the body
+serialized with orjson), not through the SDK, whose request transform and httpx's bookkeeping cost several times
+what the rest of the proxy does (bench/proxy.py); its failures are raised as the SDK's own exception types, so
+the retries and `_boundary` treat both paths alike. Streaming, and any call while an HTTP proxy is configured in the
+environment (the SDK honours HTTP(S)_PROXY, the bare client does not), use the SDK.
+
 Everything the SDK, httpx or the upstream can throw is mapped into `app/errors.py` in `_boundary`, and replies are
 read by our own tolerant reader (`read_reply`), not trusted: servers that omit `usage`, send `finish_reason:
 "function_call"` or answer a 200 with an HTML page give one clear error or a normalised reply, never a traceback.
@@ -21,9 +27,11 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from app.backends import degrade as degrade_mod
+from app.backends.http1 import ConnectionFailed, HTTP1Pool, Reply
 from app.backends.degrade import GAP_NAMES, Capabilities, Degraded, Gap, degrade
 from app.backends.retry import with_retries
 from app.bindings import Binding
@@ -38,6 +46,8 @@ FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 FINISH_ALIASES = {"function_call": "tool_calls", "tool_use": "tool_calls", "end_turn": "stop", "eos": "stop",
                   "stop_sequence": "stop", "max_tokens": "length", "abort": "stop"}
 SHOWN = 200  # characters of a bad reply quoted in an error
+# With any of these set the SDK (httpx) makes every call, as it honours them and the bare client does not.
+PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +65,7 @@ class OpenAICompatBackend:
         # One client per event loop: an async client's connection pool belongs to the loop that opened it, and
         # this backend outlives loops (Studio's workers, sync callers that run a private loop per call).
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Direct] = weakref.WeakKeyDictionary()
         # What the upstream supports: declared by the binding, the rest learned from its refusals (per instance).
         self.capabilities = Capabilities.of(binding.options)
         self._learning = threading.Lock()
@@ -65,6 +76,16 @@ class OpenAICompatBackend:
             make = _azure_client if self.binding.kind == "azure" else _openai_client
             self._clients[loop] = make(self.binding)
         return self._clients[loop]
+
+    def direct(self) -> _Direct | None:
+        """The bare HTTP/1.1 path for this event loop; None when the SDK must make the call (an HTTP proxy)."""
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            if any(os.environ.get(name) for name in PROXY_ENV):
+                return None
+            pool = self._pools[loop] = _Direct.of(self.binding)
+        return pool
 
     async def complete(self, req: ChatRequest) -> ChatResponse:
         with _boundary(self.binding):
@@ -115,6 +136,12 @@ class OpenAICompatBackend:
 
     async def _send(self, req: ChatRequest) -> ChatResponse:
         payload = _payload(req)
+        direct = self.direct()
+        if direct is not None:
+            body = orjson.dumps({"model": self.binding.target, **payload})
+            reply = await with_retries(lambda: self._refusal_checked(req, lambda: direct.post(body)),
+                                       self.binding.options.max_retries)
+            return read_reply(self.binding, _json_body(self.binding, reply.content, reply.headers.get("content-type")))
         raw = await with_retries(
             lambda: self._refusal_checked(req, lambda: self.client().chat.completions.with_raw_response.create(
                 model=self.binding.target, **payload)),
@@ -226,6 +253,10 @@ def _where(binding: Binding) -> str:
 
 def _json_body(binding: Binding, content: bytes, content_type: str | None) -> Any:
     try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        pass
+    try:  # what orjson refuses and the json module reads: NaN, integers over 64 bits
         return json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError):
         shown = content[:80].decode("utf-8", "replace")
@@ -344,3 +375,73 @@ def _openai_client(binding: Binding) -> Any:
         _env(opts.api_key_env, binding, "your API key, or set base_url for a local server")
     # Local OpenAI-compatible servers often need no key; the SDK insists on a non-empty string.
     return AsyncOpenAI(base_url=opts.base_url, api_key=key or "not-needed", timeout=opts.timeout, max_retries=0)
+
+
+class _Direct:
+    """One binding's bare HTTP/1.1 path on one event loop: the URL, the headers and a keep-alive pool.
+
+    Failures are raised as the openai SDK's exceptions (built as its client builds them), so `with_retries`,
+    `_refusal_checked` and `_boundary` see one exception tree whichever path made the call.
+    """
+
+    def __init__(self, pool: HTTP1Pool, path: str, headers: dict[str, str]):
+        self.pool, self.path, self.headers = pool, path, headers
+
+    @classmethod
+    def of(cls, binding: Binding) -> _Direct:
+        opts = binding.options
+        base = {"content-type": "application/json", "accept": "application/json", "user-agent": "slm-swap"}
+        if binding.kind == "azure":
+            endpoint = _env(opts.endpoint_env, binding, "your resource's https://<name>.openai.azure.com")
+            key = _env(opts.api_key_env, binding, "the resource's key")
+            register_secret(key)
+            version = opts.api_version or os.environ.get("OPENAI_API_VERSION") or "2024-10-21"
+            pool = HTTP1Pool(endpoint.rstrip("/") + "/openai", opts.timeout)
+            return cls(pool, f"/deployments/{binding.target}/chat/completions?api-version={version}",
+                       {**base, "api-key": key})
+        key = os.environ.get(opts.api_key_env)
+        register_secret(key)  # before any call: an upstream may echo the key back
+        if not key and not opts.base_url:
+            _env(opts.api_key_env, binding, "your API key, or set base_url for a local server")
+        base_url = opts.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        return cls(HTTP1Pool(base_url, opts.timeout), "/chat/completions",
+                   {**base, "authorization": f"Bearer {key or 'not-needed'}"})
+
+    async def post(self, body: bytes) -> Reply:
+        import openai
+
+        try:
+            reply = await self.pool.post(self.path, body, self.headers)
+        except TimeoutError:
+            raise openai.APITimeoutError(request=self._request()) from None
+        except ConnectionFailed as exc:
+            error = openai.APIConnectionError(message=str(exc), request=self._request())
+            raise error from (exc.__cause__ or exc)
+        if reply.status >= 400:
+            raise _status_error(reply, self._request())
+        return reply
+
+    def _request(self) -> Any:
+        import httpx2
+
+        return httpx2.Request("POST", self.pool.url(self.path))
+
+
+def _status_error(reply: Reply, request: Any) -> Exception:
+    """The SDK's exception for an error status, as its client makes it (`_make_status_error`)."""
+    import httpx2
+    import openai
+
+    response = httpx2.Response(reply.status, headers=reply.headers, content=reply.content, request=request)
+    text = reply.content.decode("utf-8", "replace").strip()
+    try:
+        body: Any = orjson.loads(reply.content) if text else None
+    except orjson.JSONDecodeError:
+        body = text
+    message = f"Error code: {reply.status} - {body if body is not None else text}"
+    data = body.get("error", body) if isinstance(body, dict) else body
+    kinds = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
+             404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
+             429: openai.RateLimitError}
+    kind = kinds.get(reply.status) or (openai.InternalServerError if reply.status >= 500 else openai.APIStatusError)
+    return kind(message, response=response, body=data)

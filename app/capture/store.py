@@ -30,6 +30,7 @@ from app.capture.records import (AgentStats, CallRecord, LoopRunRecord, ModelRec
                                  TemplateStatus, new_id, template_outcome,
                                  utcnow)
 from app.capture.redact import redact, redact_text
+from app.capture.journal import default_directory
 from app.capture.schema import calls, feedback, loop_runs, models, route_state, runs, stage_changes, templates
 from app.capture.writer import CompiledInsert, GroupCommitWriter
 from app.errors import StoreError, UsageError
@@ -51,7 +52,7 @@ class CaptureStore:
     def __init__(self, engine: Engine):
         self._engine = engine
         self._writer = GroupCommitWriter(CompiledInsert(engine, calls), describe=_describe_failed_call,
-                                         then=TemplateTally(engine))
+                                         then=TemplateTally(engine), journal_dir=default_directory(engine))
         self._closed = False
         self._pid = os.getpid()
         atexit.register(self.close)
@@ -89,8 +90,22 @@ class CaptureStore:
         """
         await self._writer.awrite(_call_row(call))
 
+    async def arecord_durable(self, call: CallRecord) -> None:
+        """Durable against this process being killed when it returns, without waiting for the commit: one write
+        to the local capture journal (`journal.py`), committed by the batched writer soon after; `arecord` where
+        the store has no journal (in-memory SQLite). Reads of calls in this process wait for those commits;
+        another process sees the call once it is committed (milliseconds later)."""
+        if not self._writer.journal(_call_row(call)):
+            await self.arecord(call)
+
+    def _settle(self) -> None:
+        """Read your own writes: wait until this process's journaled calls are committed."""
+        if self._writer.journaled:
+            self._writer.write(None)
+
     def list_calls(self, agent: str | None = None, run_id: str | None = None, limit: int = 50) -> list[CallRecord]:
         """The newest calls first, optionally of one agent or one run."""
+        self._settle()
         query = select(calls).order_by(calls.c.created_at.desc(), calls.c.id.desc()).limit(limit)
         if agent is not None:
             query = query.where(calls.c.agent == agent)
@@ -100,6 +115,7 @@ class CaptureStore:
 
     def get_call(self, id_or_prefix: str) -> CallRecord:
         """The call with this id, or the only one whose id starts with it; UsageError otherwise."""
+        self._settle()
         if not id_or_prefix:
             raise UsageError("give a call id or the first characters of one (see `slmswap calls list`)")
         rows = self._fetch(select(calls).where(calls.c.id == id_or_prefix))
@@ -115,11 +131,13 @@ class CaptureStore:
 
     def calls_for_run(self, run_id: str) -> list[CallRecord]:
         """The calls of one run, in the order they were made."""
+        self._settle()
         query = select(calls).where(calls.c.run_id == run_id).order_by(calls.c.created_at, calls.c.id)
         return [_call(row) for row in self._fetch(query)]
 
     def stats(self) -> list[AgentStats]:
         """Per agent: how many calls, the share that was valid, and the median latency."""
+        self._settle()
         query = select(calls.c.agent, calls.c.valid, calls.c.latency_ms).order_by(calls.c.agent)
         return summarize(self._fetch(query))
 
@@ -264,6 +282,7 @@ class CaptureStore:
                      comment: str | None = None) -> str:
         """Store a client's judgement of a call; UsageError when no such call was captured."""
         self._check_open()
+        self._settle()
         if score is None and success is None:
             raise UsageError('feedback needs "score" (a number) or "success" (true/false)')
         with write_transaction(self._engine) as conn:
@@ -295,6 +314,8 @@ class CaptureStore:
         # A shadow call whose agreement was not judged (free text without a judge) says nothing either way.
         judged &= ~((calls.c.role == "shadow") & calls.c.agreement.is_(None) & calls.c.valid)
         ok = calls.c.valid & ~calls.c.agreement.is_(False) & ~calls.c.id.in_(negative)
+        # No _settle() here: the gates run in worker threads beside the request path and must never wait on a
+        # commit (a database held by another writer would pin those threads); calls still in flight count next time.
         query = select(func.count(), func.coalesce(func.sum(case((ok, 1), else_=0)), 0)).where(judged)
         with self._engine.connect() as conn:
             trials, successes = conn.execute(query).one()
@@ -306,6 +327,7 @@ class CaptureStore:
         `replaced` marks student attempts a teacher fallback replaced. Eval calls are left out. `app.cost.summarize`
         turns the rows into per-route totals.
         """
+        self._settle()
         cond = calls.c.source != "eval"
         if since is not None:
             cond &= calls.c.created_at >= _utc(since)

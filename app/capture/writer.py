@@ -7,12 +7,18 @@ SQLAlchemy's per-execute bookkeeping costs more than SQLite's insert itself. A K
 the caller's thread, never the writer's, and a batch is one transaction, so no batch is ever half written.
 Waking a caller never blocks the writer, wherever Ctrl-C left that caller (see `_Ticket`). On a database server
 the writer outlives a restart: a batch whose connection was cut is committed again on a fresh one.
+
+With a journal (`journal.py`), `journal()` returns as soon as one os.write() has made the row durable against the
+process being killed, without waiting for the commit: that is what answered proxy requests use. Journaled rows go
+through the same batches; what a process left in its journal is replayed (idempotently, by call id) when the next
+writer starts, before it takes new rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import threading
@@ -20,10 +26,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, Table
+from sqlalchemy import DateTime, Engine, Table
 from sqlalchemy.exc import DBAPIError
 
+from app.capture import journal as journal_mod
+from app.capture.journal import Journal, Segment
 from app.errors import StoreError
+
+log = logging.getLogger("slmswap.capture")
 
 Row = dict[str, Any]
 FollowUps = list[tuple[str, list]] | tuple  # statements a batch runs after its INSERT, in its transaction
@@ -40,6 +50,7 @@ class CompiledInsert:
         dialect = engine.dialect
         compiled = table.insert().compile(dialect=dialect)
         self.sql = compiled.string
+        self.datetime_keys = frozenset(c.key for c in table.columns if isinstance(c.type, DateTime))
         self._keys = list(compiled.positiontup) if compiled.positional else None
         self._processors = {c.key: c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.columns}
         # The sqlite3 connection is in autocommit mode (see engine.py), so a batch opens its own transaction.
@@ -95,11 +106,11 @@ class _Ticket:
     forever, so the writer's `event.set()` hung, and with it every later commit and `close()` at exit.
     """
 
-    __slots__ = ("row", "params", "error", "done", "future")
+    __slots__ = ("row", "params", "error", "done", "future", "segment")
 
-    def __init__(self, row: Row | None, params, future: asyncio.Future | None = None):
-        self.row, self.params, self.future = row, params, future
-        self.done = None if future is not None else _held_lock()
+    def __init__(self, row: Row | None, params, future: asyncio.Future | None = None, segment: Segment | None = None):
+        self.row, self.params, self.future, self.segment = row, params, future, segment
+        self.done = None if future is not None or segment is not None else _held_lock()
         self.error: BaseException | None = None
 
 
@@ -114,7 +125,7 @@ class GroupCommitWriter:
 
     def __init__(self, insert: CompiledInsert, *, describe: Callable[[Row, BaseException], str], max_batch=2000,
                  reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS,
-                 then: Callable[[list[Row]], FollowUps] | None = None):
+                 then: Callable[[list[Row]], FollowUps] | None = None, journal_dir=None):
         self._insert = insert
         self._then = then  # the statements a batch of rows implies (the template counts its calls move)
         self._reconnect_delays = reconnect_delays
@@ -128,6 +139,12 @@ class GroupCommitWriter:
         self.commits = 0  # transactions committed, for tests and the bench
         self.reconnects = 0  # connections replaced after a cut, for tests
         self.pending = 0  # tickets queued or being committed whose callers are not yet woken, for tests
+        self.journaled = 0  # journaled rows not yet committed (or refused): a reader of this process waits for them
+        self.replayed = 0  # rows replayed from journals that dead processes left, for tests
+        self._journal: Journal | None = None
+        if journal_dir is not None:
+            self._replay(journal_dir)
+            self._journal = Journal(journal_dir)
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
 
@@ -141,6 +158,14 @@ class GroupCommitWriter:
     def submit(self, row: Row) -> None:
         """Queue `row` for the next commit without waiting for it (nobody may be left to wait: an aborted call)."""
         self._submit(row)  # its lock is released by the writer and never acquired: nobody waits
+
+    def journal(self, row: Row) -> bool:
+        """Make `row` durable against this process dying with one write to the journal, and queue it for the
+        next commit without waiting; False (nothing done) when this writer has no journal."""
+        if self._journal is None:
+            return False
+        self._submit(row, journal=self._journal)
+        return True
 
     async def awrite(self, row: Row | None) -> None:
         """`write` without blocking the event loop."""
@@ -159,20 +184,30 @@ class GroupCommitWriter:
                 self._queue.put(_STOP)
         if self._thread is not threading.current_thread():
             self._thread.join()
+            if self._journal is not None:
+                self._journal.close()
 
-    def _submit(self, row: Row | None, future: asyncio.Future | None = None) -> _Ticket:
+    def _submit(self, row: Row | None, future: asyncio.Future | None = None, journal: Journal | None = None) -> _Ticket:
         # Serialize here, on the caller's thread: bad data fails its own caller, never the batch it would join.
         try:
             params = None if row is None else self._insert.params(row)
         except Exception as exc:
             raise StoreError(self._describe(row, exc)) from exc
-        ticket = _Ticket(row, params, future)
         if os.getpid() != self._pid:  # forked: the writer thread did not come along, nobody would commit this
             raise StoreError("this capture store was opened before a fork; open another with CaptureStore.open(url) "
                              "in this process")
         with self._lock:
             if self._closed:
                 raise StoreError("the capture store is closed; open it again with CaptureStore.open(url)")
+            segment = None
+            if journal is not None:
+                try:
+                    segment = journal.append(row)  # before it is queued: a commit may settle it at once
+                except (OSError, TypeError) as exc:
+                    raise StoreError(f"could not write the capture journal in {journal.directory}: {exc}; check "
+                                     "that its disk has room") from exc
+                self.journaled += 1
+            ticket = _Ticket(row, params, future, segment)
             self._queue.put(ticket)
             self.pending += 1
         return ticket
@@ -274,15 +309,59 @@ class GroupCommitWriter:
         self._notify(tickets)
 
     def _notify(self, tickets: list[_Ticket]) -> None:
+        journaled = [t for t in tickets if t.segment is not None]
+        for ticket in journaled:  # nobody waits for these: settle them in the journal, and say why one failed
+            self._journal.settled(ticket.segment, ticket.error is None)
+            if ticket.error is not None:
+                log.error("a journaled call was not committed (it stays in %s and is replayed at the next start): "
+                          "%s", ticket.segment.path, ticket.error)
         with self._lock:
             self.pending -= len(tickets)
+            self.journaled -= len(journaled)
         _wake(tickets)
+
+    def _replay(self, directory) -> None:
+        """Commit what dead processes left in their journals (rows already stored are skipped), then delete
+        those segments. A segment that cannot be committed now stays for the next start."""
+        for path, rows, bad in journal_mod.orphans(directory):
+            params = []  # (insert parameters, the row): the row gives its template follow-ups
+            for row in rows:
+                try:
+                    revived = journal_mod.revive(row, self._insert.datetime_keys)
+                    params.append((self._insert.params(revived), revived))
+                except Exception as exc:  # noqa: BLE001 - one unreadable row must not keep the others out
+                    bad += 1
+                    log.error("skipping a journaled call that cannot be stored (%s) in %s", exc, path)
+            try:
+                if params:
+                    self._replay_batch(params)
+            except Exception as exc:  # noqa: BLE001 - the store is away: keep the segment, open anyway
+                log.error("could not replay the capture journal %s (%d calls; kept for the next start): %s",
+                          path, len(params), exc)
+                continue
+            if bad:
+                log.error("%d unreadable lines in the capture journal %s were skipped", bad, path)
+            self.replayed += len(params)
+            path.unlink(missing_ok=True)
+        if self._conn is not None:  # back to the pool: the writer thread takes its own
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _replay_batch(self, params: list) -> None:
+        # Row by row (a replay is rare: after a crash): a row already stored fails only itself, and its template
+        # counts, which moved in the transaction that stored it, are not moved twice.
+        for one, row in params:
+            with contextlib.suppress(self._insert.integrity_error):
+                self._run_batch([one], self._follow_ups([row]))
 
 
 def _wake(tickets: list[_Ticket]) -> None:
     """Wake the waiting threads, and each event loop once for all of its coroutines in this batch."""
     futures_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
     for ticket in tickets:
+        if ticket.segment is not None:  # journaled: nobody waits
+            continue
         if ticket.future is None:
             ticket.done.release()
         else:

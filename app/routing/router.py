@@ -193,14 +193,14 @@ class Router:
             payload.update(raw=response_payload(raw), repairs=repairs)
         record = self._record(req, ctx, info, payload, usage, teacher_cost, parent, agreed)
         if self.store is not None and ctx.capture:
-            await self.store.arecord(record)
+            await self.store.arecord_durable(record)
         self._after_judged(route, info.role)
         return Attempt(info.role, info, resp, verdict=verdict)
 
     async def _capture_failure(self, failed: tuple[Attempt, CallRecord | None]) -> Attempt:
         attempt, record = failed
         if record is not None:
-            await self.store.arecord(record)
+            await self.store.arecord_durable(record)
         return attempt
 
     def _failed(self, req: ChatRequest, ctx: CallContext, route: Route, info: CallInfo, started: float,

@@ -187,11 +187,15 @@ class Proxy:
                         yield sse(data)
                 if include_usage(body) and usage is not None:
                     yield sse(usage_chunk(first.id, created, req.model, usage.model_dump()))
-                yield sse("[DONE]")
                 self.metrics.answered(info, ctx.route, usage, time.perf_counter() - started)
+                # The call is over (captured): free the slot before the last event, or a client that sends its
+                # next request the moment it reads [DONE] could find the slot still taken.
+                release_once()
+                yield sse("[DONE]")
             except SlmSwapError as exc:
                 _, error, _ = error_for(exc)
                 self.metrics.failed(ctx.route, exc.error_type, time.perf_counter() - started)
+                release_once()
                 yield sse(error)
                 yield sse("[DONE]")
             finally:
