@@ -289,6 +289,7 @@ class LangfuseReceiver:
         self._spans: list[dict[str, Any]] = []
         self._requests: list[dict[str, Any]] = []
         self._failure: tuple[int, float | None] | None = None
+        self._fail_after: tuple[int, int] | None = None  # (requests still answered, then this status)
         self._changed = threading.Condition()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.receiver = self
@@ -327,6 +328,11 @@ class LangfuseReceiver:
         """
         self._failure = None if status is None else (status, retry_after)
 
+    def fail_after(self, n: int, status: int) -> None:
+        """Answer the next `n` requests normally, then every later one with `status`: a server failing midway."""
+        with self._changed:
+            self._fail_after = (n, status)
+
     def wait_for_spans(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Block until at least `n` spans arrived; return them all, or fail the test naming what did arrive."""
         deadline = time.monotonic() + timeout
@@ -362,6 +368,7 @@ class LangfuseReceiver:
             "headers": _redacted(dict(handler.headers.items())),
             "body": None if is_otlp else _json_body(body),
         }
+        self._count_down()
         if self._failure is not None:
             status, headers, payload = _failure_reply(*self._failure)
         elif is_otlp:
@@ -372,6 +379,14 @@ class LangfuseReceiver:
             self._requests.append({**record, "status": status})
             self._changed.notify_all()
         _respond(handler, status, headers, payload)
+
+    def _count_down(self) -> None:
+        with self._changed:
+            if self._fail_after is not None:
+                left, status = self._fail_after
+                self._fail_after = (left - 1, status) if left > 0 else None
+                if left <= 0:
+                    self._failure = (status, None)
 
     def _accept_spans(self, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytes]:
         spans = decode_otlp(body, content_type)
