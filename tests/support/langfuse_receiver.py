@@ -142,6 +142,7 @@ class RestFake:
             ("GET", re.compile(r"/api/public/dataset-items"), self.list_items),
             ("GET", re.compile(r"/api/public/dataset-items/(?P<id>[^/]+)"), self.get_item),
             ("POST", re.compile(r"/api/public/v2/prompts"), self.create_prompt),
+            ("GET", re.compile(r"/api/public/v2/prompts"), self.list_prompts),
             ("GET", re.compile(r"/api/public/v2/prompts/(?P<name>[^/]+)"), self.get_prompt),
             ("PATCH", re.compile(r"/api/public/v2/prompts/(?P<name>[^/]+)/versions/(?P<v>\d+)"), self.label_prompt),
             ("POST", re.compile(r"/api/public/scores"), self.create_scores),
@@ -230,6 +231,21 @@ class RestFake:
         }
         versions.append(prompt)
         return 200, prompt
+
+    def list_prompts(self, query: dict[str, str], **_: Any) -> tuple[int, Any]:
+        """PromptMeta per prompt name (`name`, `label` and `tag` filter exactly, as the server's do)."""
+        metas = []
+        for name, versions in self.prompts.items():
+            if "label" in query:
+                versions = [p for p in versions if query["label"] in p["labels"]]
+            if "tag" in query:
+                versions = [p for p in versions if query["tag"] in p["tags"]]
+            if not versions or query.get("name", name) != name:
+                continue
+            metas.append({"name": name, "type": versions[-1]["type"], "versions": [p["version"] for p in versions],
+                          "labels": sorted({label for p in versions for label in p["labels"]}),
+                          "tags": versions[-1]["tags"], "lastUpdatedAt": _now(), "lastConfig": versions[-1]["config"]})
+        return 200, _page(metas, query)
 
     def get_prompt(self, name: str, query: dict[str, str], **_: Any) -> tuple[int, Any]:
         versions = self.prompts.get(name, [])
