@@ -242,6 +242,15 @@ def _templates() -> Any:
     return templates
 
 
+def known_routes(settings: Settings, store: Any) -> list[str]:
+    """Routes that may have templates: the shipped base templates' agents, the configured routes, and every route
+    with a template row in the store."""
+    from prompts.base import base_templates
+
+    stored = {getattr(t, "route", None) or getattr(t, "agent", None) for t in store.list_templates()}
+    return sorted((set(base_templates()) | set(settings.routes) | stored) - {None})
+
+
 def production_template(templates: Any, store: Any, route: str, live: Sequence[Any]) -> Any:
     """The route's best template; the oldest live one while none has enough trials to be best."""
     chosen = templates.best(store, route)
