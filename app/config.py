@@ -50,6 +50,9 @@ class RouteConfig(Section):
     # Fall back to the teacher when the student's mean token log-probability is under this (None: never).
     min_confidence: float | None = Field(None, le=0.0)
     repair: bool = False  # apply app/repair.py's deterministic fixes to answers (the raw output is kept)
+    # Proxy: replace the client's system prompt by the route's selected template (off: the client's prompt is kept
+    # and its outcomes are counted on the template its fingerprint names).
+    managed_prompt: bool = False
 
 
 class RolloutConfig(Section):
@@ -62,6 +65,15 @@ class RolloutConfig(Section):
     judge_every: int = Field(10, ge=1)  # a serving process re-reads the gates after this many judged calls
     shadow_concurrency: int = Field(4, ge=0)  # shadow students in flight per process; more are shed and counted
     judge: str | None = None  # a binding that compares free-text shadow answers; without one they are not judged
+
+
+class TemplatesConfig(Section):
+    """Selection among a route's live templates (Thompson sampling on Beta(successes + 1, failures + 1))."""
+
+    min_trials: int = Field(20, ge=1)  # outcomes a template needs before `best` may name it or it may be retired
+    # Retire a template (with min_trials) whose probability of being the route's best is under this; 0 never does.
+    retire_below: float = Field(0.05, ge=0, lt=1)
+    draws: int = Field(2000, ge=100, le=100_000)  # Monte Carlo draws of that probability
 
 
 class WorkflowConfig(Section):
@@ -142,6 +154,7 @@ class Settings(BaseSettings):
     rollout: RolloutConfig = RolloutConfig()
     cost: CostConfig = CostConfig()
     capture: CaptureConfig = CaptureConfig()
+    templates: TemplatesConfig = TemplatesConfig()
     # Where the settings came from (None: defaults and environment only). Not a key users set.
     source: str | None = None
 

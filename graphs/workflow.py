@@ -7,6 +7,7 @@ in the run context.
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from typing import Any
 
@@ -58,7 +59,10 @@ async def prompt(state: WorkflowState, runtime: Runtime[WorkflowContext]) -> dic
     run_id = runtime.context.run_id if runtime.context else None
     if run_id is None and services.store is not None:
         run_id = await asyncio.to_thread(services.store.start_run, query)
-    templates = await asyncio.to_thread(current_templates, services.store, AGENTS)
+    # Selection per run: Thompson sampling per agent, seeded by the run id so a run's draw can be replayed.
+    rng = random.Random(run_id) if run_id else random.Random()
+    templates = await asyncio.to_thread(current_templates, services.store, AGENTS, rng=rng,
+                                        config=services.settings.templates)
     return {"run_id": run_id, "templates": templates, **FRESH}
 
 

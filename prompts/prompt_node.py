@@ -1,36 +1,32 @@
-"""The prompt node's logic: each agent's current template, from the store when one is active there, else the base file.
+"""The prompt node's logic: for each agent, the template this run uses, picked by Thompson sampling among the
+route's live templates in the store (`prompts/store.py`), or the shipped base file when there is no store.
 
-Base templates are registered in the store on first use, so every captured call's template id names a stored row.
+Base templates are registered in the store on first use, so every captured call's template id names a stored row
+and its outcomes move that row's counts.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
-from prompts.base import BaseTemplate, base_templates
+from app.config import TemplatesConfig
+from prompts import store as template_store
+from prompts.base import base_templates
 
 
-def current_templates(store: Any | None, agents: list[str]) -> dict[str, dict[str, str]]:
-    """`{agent: {"id", "text"}}` for each agent: the store's active template, or the shipped base one."""
+def current_templates(store: Any | None, agents: list[str], *, rng: random.Random | None = None,
+                      config: TemplatesConfig | None = None) -> dict[str, dict[str, str]]:
+    """`{agent: {"id", "text"}}` for each agent, sampled once per run (pass `random.Random(run_id)` to make the
+    draw repeatable). The text has its variables rendered (empty until dynamic examples fill `{{examples}}`)."""
+    rng = rng or random.Random()
+    config = config or TemplatesConfig()
     bases = base_templates()
     chosen = {}
     for agent in agents:
-        active = store.active_template(agent) if store is not None else None
-        if active is None and store is not None and agent in bases:
-            active = _register_base(store, bases[agent])
-        chosen[agent] = {"id": active.id, "text": active.text} if active else _as_dict(bases[agent])
+        record = template_store.choose(store, agent, rng, config) if store is not None else None
+        if record is not None:
+            chosen[agent] = {"id": record.id, "text": template_store.render(record.text)}
+        elif agent in bases:
+            chosen[agent] = {"id": bases[agent].id, "text": template_store.render(bases[agent].text)}
     return chosen
-
-
-def _register_base(store: Any, base: BaseTemplate):
-    from app.capture.records import TemplateRecord
-
-    version = int(base.id.rsplit("@", 1)[-1]) if "@" in base.id else 1
-    record = TemplateRecord(id=base.id, agent=base.agent, version=version, parent_id=None, origin="base",
-                            text=base.text, active=True)
-    store.upsert_template(record)
-    return record
-
-
-def _as_dict(base: BaseTemplate) -> dict[str, str]:
-    return {"id": base.id, "text": base.text}

@@ -16,6 +16,7 @@ from app.capture import migrations
 from app.capture.engine import open_engine
 from app.capture.migrations import MIGRATIONS, migrate, pending
 from app.capture.schema import metadata
+from app.capture.records import template_hash
 from app.capture.store import CaptureStore
 
 
@@ -80,7 +81,8 @@ def test_migrate_original_schema_keeps_rows(url, engine):
     with engine.begin() as conn:
         insert_original_rows(conn, created)
 
-    assert migrate(engine) == ["m002_calls_source", "m003_runs", "m004_runs_pid_host", "m005_rollout"]
+    assert migrate(engine) == ["m002_calls_source", "m003_runs", "m004_runs_pid_host", "m005_rollout",
+                              "m006_templates"]
     assert shape(engine) == declared()
 
     with CaptureStore.open(url) as store:
@@ -89,7 +91,10 @@ def test_migrate_original_schema_keeps_rows(url, engine):
             "graph", "retrieval", True, 42.0, created, "teacher", None)
         assert old.request["messages"][0]["content"] == "hello"
         assert old.response == {"content": "hi", "tool_calls": None, "finish_reason": "stop"}
-        assert store.active_template("retrieval").text == "You retrieve."
+        kept = store.active_template("retrieval")  # m006 rebuilt the table: the row, its counts and its status stay
+        assert (kept.id, kept.route, kept.text, kept.origin, kept.status, kept.successes, kept.failures) == (
+            "retrieval/base@1", "retrieval", "You retrieve.", "base", "live", 3, 1)
+        assert kept.created_at == created and kept.content_hash == template_hash("You retrieve.")
         run_id = store.start_run("new run")  # tables added by later steps work
         assert store.get_run(run_id).status == "running"
 
@@ -106,7 +111,7 @@ def test_runs_from_before_m004_keep_their_status_and_new_ones_know_their_process
                               " VALUES (:id, 'q', :status, NULL, NULL, :started, NULL)"),
                          {"id": run_id, "status": status, "started": stored_time(conn, started)})
 
-    assert migrate(engine) == ["m004_runs_pid_host", "m005_rollout"]
+    assert migrate(engine) == ["m004_runs_pid_host", "m005_rollout", "m006_templates"]
     assert shape(engine) == declared()
     with CaptureStore.open(url) as store:
         # No pid was recorded, so whether that process lives is unknown: it is shown as stored, not as died.

@@ -164,30 +164,34 @@ def test_run_lifecycle(store):
         store.finish_run(run_id, "running")
 
 
-def test_templates_upsert_active_and_counts(store):
-    base = TemplateRecord(id="retrieval/base@1", agent="retrieval", version=1, text="You retrieve.")
-    store.upsert_template(base)
-    assert store.active_template("retrieval") == base
-    evolved = TemplateRecord(id="retrieval/evolved@2", agent="retrieval", version=2, text="You retrieve. Use tools.",
-                             origin="evolved", parent_id=base.id)
-    store.upsert_template(evolved)
-    store.upsert_template(TemplateRecord(id="retrieval/manual@3", agent="retrieval", version=3, text="off",
-                                         origin="manual", active=False))
-    store.upsert_template(TemplateRecord(id="format/base@1", agent="format", version=1, text="Format."))
-    assert store.active_template("retrieval").id == evolved.id  # highest active version; @3 is inactive
+def test_templates_add_dedupe_status_and_counts(store):
+    base = store.add_template(TemplateRecord(id="retrieval/base@1", route="retrieval", text="You retrieve."))
+    assert store.active_template("retrieval") == base and base.content_hash
+    # The same text (white space aside) on the same route is the same template: the stored row comes back.
+    assert store.add_template(TemplateRecord(id="retrieval/other", route="retrieval", text=" You  retrieve.\n")) == base
+    evolved = store.add_template(TemplateRecord(id="retrieval/evolved-1", route="retrieval", origin="evolved",
+                                                text="You retrieve. Use tools.", parent_id=base.id))
+    store.add_template(TemplateRecord(id="format/base@1", route="format", text="You retrieve."))  # other route
+    assert store.active_template("retrieval").id == evolved.id  # the newest live one
     assert store.active_template("nobody") is None
-    assert [t.id for t in store.list_templates("retrieval")] == [base.id, evolved.id, "retrieval/manual@3"]
-    assert len(store.list_templates()) == 4
+    assert [t.id for t in store.list_templates("retrieval")] == [base.id, evolved.id]
+    assert len(store.list_templates()) == 3
+    with pytest.raises(UsageError, match="never edited in place"):
+        store.add_template(TemplateRecord(id=evolved.id, route="retrieval", text="edited"))
 
     store.count_template_outcome(evolved.id, success=True)
     store.count_template_outcome(evolved.id, success=True)
     store.count_template_outcome(evolved.id, success=False)
-    got = store.active_template("retrieval")
-    assert (got.successes, got.failures) == (2, 1)
-    store.upsert_template(TemplateRecord(id=evolved.id, agent="retrieval", version=2, text="edited", active=False))
+    got = store.get_template(evolved.id)
+    assert (got.successes, got.failures, got.trials) == (2, 1, 3)
+    retired = store.set_template_status(evolved.id, "retired", "worse")
+    assert (retired.status, retired.retired_reason) == ("retired", "worse")
     assert store.active_template("retrieval").id == base.id
+    assert [t.id for t in store.list_templates("retrieval", status="live")] == [base.id]
     with pytest.raises(UsageError):
         store.count_template_outcome("missing@1", success=True)
+    with pytest.raises(UsageError, match="live"):
+        store.set_template_status(base.id, "gone")
 
 
 # ---- redaction ----------------------------------------------------------------------------------------------
@@ -511,7 +515,7 @@ class Interrupt:
 store = CaptureStore.open(sys.argv[1])
 gate = threading.Event()
 run = store._writer._insert.run
-store._writer._insert.run = lambda conn, params: (gate.wait(), run(conn, params))
+store._writer._insert.run = lambda conn, params, then=(): (gate.wait(), run(conn, params, then))
 k, places = 0, set()
 while True:
     k += 1

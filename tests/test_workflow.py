@@ -136,14 +136,14 @@ def test_unusable_plan_falls_back_to_default_plan(services, scripted):
     assert not plan_call.valid
 
 
-def test_prompt_node_uses_the_stores_active_template(services, scripted):
-    from app.capture.records import TemplateRecord
+def test_prompt_node_selects_among_the_stores_live_templates(services, scripted):
+    from prompts.store import add_template, ensure_base, retire
 
-    services.store.upsert_template(TemplateRecord(id="retrieval/manual@2", agent="retrieval", version=2,
-                                                  text="Custom retrieval prompt", origin="manual", active=True))
+    custom = add_template(services.store, "retrieval", "Custom retrieval prompt", origin="manual")
+    retire(services.store, ensure_base(services.store, "retrieval").id, "a test wants the custom one")
     scripted("orchestrator").enqueue(plan(["retrieval"]))
     state, run_id = run(services)
-    assert state["templates"]["retrieval"] == {"id": "retrieval/manual@2", "text": "Custom retrieval prompt"}
+    assert state["templates"]["retrieval"] == {"id": custom.id, "text": "Custom retrieval prompt"}
     assert scripted("retrieval").requests[0].messages[0].content == "Custom retrieval prompt"
     assert state["templates"]["processing"]["id"] == "processing/base@1"
 

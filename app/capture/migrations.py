@@ -197,3 +197,53 @@ def m005_rollout(conn: Connection) -> None:
         Column("created_at", DateTime(timezone=True), nullable=False),
         Index("ix_feedback_call_id", "call_id"),
     )
+
+
+@migration
+def m006_templates(conn: Connection) -> None:
+    # Templates become per route with a content hash and a live/retired status, so a table rebuild: `agent` is the
+    # route, `active` the status; `version` goes (the id names the version). Every row and its counts are kept. An
+    # old duplicate text of a route keeps its row, its hash suffixed with its id so the unique index holds.
+    import hashlib
+    import re
+
+    old = Table("templates", MetaData(), Column("id", String), Column("agent", String), Column("parent_id", String),
+                Column("origin", String), Column("text", String), Column("successes", Integer),
+                Column("failures", Integer), Column("active", Boolean), Column("created_at", DateTime(timezone=True)))
+    rows = [dict(row) for row in conn.execute(select(old).order_by(old.c.created_at, old.c.id)).mappings()]
+    _create_table(
+        conn, "templates_m006",
+        Column("id", String, primary_key=True),
+        Column("route", String, nullable=False),
+        Column("text", String, nullable=False),
+        Column("parent_id", String),
+        Column("origin", String, nullable=False),
+        Column("content_hash", String, nullable=False),
+        Column("status", String, nullable=False),
+        Column("retired_reason", String),
+        Column("successes", Integer, nullable=False, server_default="0"),
+        Column("failures", Integer, nullable=False, server_default="0"),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    new = Table("templates_m006", MetaData(), *(Column(name, kind) for name, kind in (
+        ("id", String), ("route", String), ("text", String), ("parent_id", String), ("origin", String),
+        ("content_hash", String), ("status", String), ("retired_reason", String), ("successes", Integer),
+        ("failures", Integer), ("created_at", DateTime(timezone=True)))))
+    seen = set()
+    for row in rows:
+        digest = hashlib.sha256(re.sub(r"\s+", " ", row["text"]).strip().encode("utf-8")).hexdigest()
+        if (row["agent"], digest) in seen:
+            digest = f"{digest}:{row['id']}"
+        seen.add((row["agent"], digest))
+        conn.execute(new.insert().values(
+            id=row["id"], route=row["agent"], text=row["text"], parent_id=row["parent_id"], origin=row["origin"],
+            content_hash=digest, status="live" if row["active"] else "retired",
+            retired_reason=None if row["active"] else "inactive before m006", successes=row["successes"],
+            failures=row["failures"], created_at=row["created_at"]))
+    old.drop(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    conn.exec_driver_sql(f"ALTER TABLE {quote('templates_m006')} RENAME TO {quote('templates')}")
+    table = Table("templates", MetaData(), Column("route", String), Column("status", String),
+                  Column("content_hash", String))
+    Index("ix_templates_route_status", table.c.route, table.c.status).create(conn)
+    Index("ux_templates_route_hash", table.c.route, table.c.content_hash, unique=True).create(conn)

@@ -6,6 +6,8 @@ proxy, eval) stores the same shape and dataset building reads one format.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +19,8 @@ Source = Literal["graph", "proxy", "eval"]
 Role = Literal["teacher", "student", "shadow"]  # shadow: a student run beside the teacher, never shown to the client
 # "died" is never stored: the store reports a "running" run as died when its process on this host is gone.
 RunStatus = Literal["running", "ok", "failed", "interrupted", "died"]
-Origin = Literal["base", "evolved", "manual"]
+Origin = Literal["base", "evolved", "manual", "langfuse"]
+TemplateStatus = Literal["live", "retired"]
 
 # Request fields stored as themselves; everything else OpenAI accepts goes under "params".
 _REQUEST_KEYS = ("messages", "tools", "tool_choice", "response_format")
@@ -74,16 +77,48 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True)
 class TemplateRecord:
-    id: str  # stable, e.g. "retrieval/base@1"
-    agent: str
-    version: int
+    """A versioned system prompt of one route; `content_hash` keeps an identical text from being stored twice."""
+
+    id: str  # stable, e.g. "retrieval/base@1" or "retrieval/evolved-3f2a9c01de"
+    route: str
     text: str
     origin: Origin = "base"
     parent_id: str | None = None
+    content_hash: str = ""  # filled from the text when empty (`template_hash`)
+    status: TemplateStatus = "live"
+    retired_reason: str | None = None
     successes: int = 0
     failures: int = 0
-    active: bool = True
     created_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            object.__setattr__(self, "content_hash", template_hash(self.text))
+
+    @property
+    def agent(self) -> str:  # the graph's agents are routes; older readers say agent
+        return self.route
+
+    @property
+    def trials(self) -> int:
+        return self.successes + self.failures
+
+    @property
+    def live(self) -> bool:
+        return self.status == "live"
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_prompt(text: str) -> str:
+    """A system prompt as its fingerprint sees it: runs of white space are one space, none at either end."""
+    return _SPACE.sub(" ", text).strip()
+
+
+def template_hash(text: str) -> str:
+    """The content hash of a template, which is also a proxy client's system-prompt fingerprint (sha256 hex)."""
+    return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +158,20 @@ class AgentStats:
     calls: int
     valid_rate: float
     p50_latency_ms: float
+
+
+def template_outcome(call: Any) -> bool | None:
+    """What a captured call says about the template it ran under: True (a success), False (a failure) or None.
+
+    Graph and proxy calls with a template id count; eval calls do not (they measure, they do not select). A call
+    that got no answer (backend error, timeout, aborted) says nothing about its prompt. Otherwise it succeeds when
+    its output was valid and a shadow comparison did not find it disagreeing with the teacher; negative feedback
+    later turns a success into a failure (`CaptureStore.add_feedback`). Takes a CallRecord or a call row (a dict).
+    """
+    get = call.get if isinstance(call, dict) else lambda key: getattr(call, key)
+    if not get("template_id") or get("source") == "eval" or get("response") is None or get("error_type") == "aborted":
+        return None
+    return bool(get("valid")) and get("agreement") is not False
 
 
 def request_payload(req: ChatRequest) -> dict[str, Any]:

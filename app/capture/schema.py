@@ -61,16 +61,18 @@ templates = Table(
     "templates",
     metadata,
     Column("id", String, primary_key=True),  # stable, e.g. retrieval/base@1
-    Column("agent", String, nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("parent_id", String),
-    Column("origin", String, nullable=False),  # base | evolved | manual
+    Column("route", String, nullable=False),
     Column("text", String, nullable=False),
+    Column("parent_id", String),
+    Column("origin", String, nullable=False),  # base | evolved | manual | langfuse
+    Column("content_hash", String, nullable=False),  # records.template_hash(text): one row per text per route
+    Column("status", String, nullable=False),  # live | retired
+    Column("retired_reason", String),
     Column("successes", Integer, nullable=False, server_default="0"),
     Column("failures", Integer, nullable=False, server_default="0"),
-    Column("active", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    Index("ix_templates_agent", "agent"),
+    Index("ix_templates_route_status", "route", "status"),
+    Index("ux_templates_route_hash", "route", "content_hash", unique=True),
 )
 
 route_state = Table(

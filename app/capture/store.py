@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from itertools import groupby
 from typing import Any, get_args
 
-from sqlalchemy import Engine, Select, case, func, select
+from sqlalchemy import Engine, Select, bindparam, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.capture.engine import FIX, open_engine, write_transaction
 from app.capture.migrations import migrate
 from app.capture.records import (AgentStats, CallRecord, Outcomes, RouteStateRecord, RunRecord, RunStatus, Source,
-                                 StageChange, TemplateRecord, new_id, utcnow)
+                                 StageChange, TemplateRecord, TemplateStatus, new_id, template_outcome,
+                                 utcnow)
 from app.capture.redact import redact, redact_text
 from app.capture.schema import calls, feedback, route_state, runs, stage_changes, templates
 from app.capture.writer import CompiledInsert, GroupCommitWriter
@@ -36,6 +37,7 @@ _CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
 _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _TEMPLATE_FIELDS = tuple(f.name for f in fields(TemplateRecord))
 _SOURCES = frozenset(get_args(Source))
+_TEMPLATE_STATUSES = frozenset(get_args(TemplateStatus))
 _FINAL_STATUSES = frozenset(get_args(RunStatus)) - {"running", "died"}
 
 
@@ -44,7 +46,8 @@ class CaptureStore:
 
     def __init__(self, engine: Engine):
         self._engine = engine
-        self._writer = GroupCommitWriter(CompiledInsert(engine, calls), describe=_describe_failed_call)
+        self._writer = GroupCommitWriter(CompiledInsert(engine, calls), describe=_describe_failed_call,
+                                         then=TemplateTally(engine))
         self._closed = False
         self._pid = os.getpid()
         atexit.register(self.close)
@@ -157,26 +160,57 @@ class CaptureStore:
 
     # ---- templates ---------------------------------------------------------------------------------------
 
-    def upsert_template(self, template: TemplateRecord) -> None:
-        """Insert a template, or replace every field of the one with the same id."""
+    def add_template(self, template: TemplateRecord) -> TemplateRecord:
+        """Store a template; when the route already holds the same text (same content hash), that row is returned
+        and nothing is written. A different text under an id already taken is a UsageError."""
         self._check_open()
         row = {k: getattr(template, k) for k in _TEMPLATE_FIELDS} | {"created_at": _utc(template.created_at)}
         with write_transaction(self._engine) as conn:
-            if not conn.execute(templates.update().where(templates.c.id == template.id).values(**row)).rowcount:
-                conn.execute(templates.insert().values(**row))
+            same = conn.execute(select(templates).where(templates.c.route == template.route,
+                                                        templates.c.content_hash == template.content_hash))
+            if (found := same.mappings().first()) is not None:
+                return _template(found)
+            if conn.execute(select(templates.c.id).where(templates.c.id == template.id)).first() is not None:
+                raise UsageError(f"template id {template.id!r} is taken by another text; templates are never edited "
+                                 "in place: add the new text as a new template")
+            conn.execute(templates.insert().values(**row))
+        return TemplateRecord(**row)
 
-    def active_template(self, agent: str) -> TemplateRecord | None:
-        """The agent's active template with the highest version, if any."""
-        query = (select(templates).where(templates.c.agent == agent, templates.c.active)
-                 .order_by(templates.c.version.desc(), templates.c.created_at.desc()).limit(1))
-        rows = self._fetch(query)
+    def get_template(self, template_id: str) -> TemplateRecord | None:
+        rows = self._fetch(select(templates).where(templates.c.id == template_id))
         return _template(rows[0]) if rows else None
 
-    def list_templates(self, agent: str | None = None) -> list[TemplateRecord]:
-        query = select(templates).order_by(templates.c.agent, templates.c.version)
-        if agent is not None:
-            query = query.where(templates.c.agent == agent)
+    def template_by_hash(self, route: str, content_hash: str) -> TemplateRecord | None:
+        """The route's template with this content hash (a proxy client's system-prompt fingerprint), if any."""
+        rows = self._fetch(select(templates).where(templates.c.route == route,
+                                                   templates.c.content_hash == content_hash))
+        return _template(rows[0]) if rows else None
+
+    def list_templates(self, route: str | None = None, status: str | None = None) -> list[TemplateRecord]:
+        """Templates by route, oldest first; optionally of one route and one status (live, retired)."""
+        query = select(templates).order_by(templates.c.route, templates.c.created_at, templates.c.id)
+        if route is not None:
+            query = query.where(templates.c.route == route)
+        if status is not None:
+            query = query.where(templates.c.status == status)
         return [_template(row) for row in self._fetch(query)]
+
+    def active_template(self, route: str) -> TemplateRecord | None:
+        """The route's newest live template, if any (selection among live ones is prompts/store.py's `sample`)."""
+        live = self.list_templates(route, status="live")
+        return live[-1] if live else None
+
+    def set_template_status(self, template_id: str, status: str, reason: str | None = None) -> TemplateRecord:
+        """Retire a template (or make it live again); UsageError when there is no such template."""
+        self._check_open()
+        if status not in _TEMPLATE_STATUSES:
+            raise UsageError(f"a template's status is one of {sorted(_TEMPLATE_STATUSES)}, not {status!r}")
+        with write_transaction(self._engine) as conn:
+            update = templates.update().where(templates.c.id == template_id).values(
+                status=status, retired_reason=_redact_opt(reason) if status == "retired" else None)
+            if not conn.execute(update).rowcount:
+                raise UsageError(f"no template has id {template_id!r}; see `slmswap templates list`")
+            return _template(conn.execute(select(templates).where(templates.c.id == template_id)).mappings().one())
 
     def count_template_outcome(self, template_id: str, success: bool) -> None:
         """Add one success or one failure to a template's counts (atomic, safe across processes)."""
@@ -231,6 +265,8 @@ class CaptureStore:
         with write_transaction(self._engine) as conn:
             if conn.execute(select(calls.c.id).where(calls.c.id == call_id)).first() is None:
                 raise UsageError(f"no captured call has id {call_id!r}; use the x-slmswap-call-id of a response")
+            if _negative(score, success):
+                _feedback_fails_template(conn, call_id)
             feedback_id = new_id()
             conn.execute(feedback.insert().values(id=feedback_id, call_id=call_id, score=score, success=success,
                                                   comment=_redact_opt(comment), created_at=utcnow()))
@@ -302,6 +338,24 @@ class CaptureStore:
             return list(conn.execute(query).mappings())
 
 
+def _negative(score: float | None, success: bool | None) -> bool:
+    """Feedback that judges a call a failure (the rule `student_outcomes` reads too)."""
+    return success is False or (score is not None and score <= 0)
+
+
+def _feedback_fails_template(conn, call_id: str) -> None:
+    """The first negative feedback on a call its template counted as a success moves that success to a failure."""
+    call = conn.execute(select(calls).where(calls.c.id == call_id)).mappings().one()
+    if template_outcome(dict(call)) is not True:
+        return  # counted as a failure already, or not counted at all
+    earlier = select(feedback.c.id).where(feedback.c.call_id == call_id,
+                                          (feedback.c.success.is_(False)) | (feedback.c.score <= 0))
+    if conn.execute(earlier.limit(1)).first() is not None:
+        return
+    conn.execute(templates.update().where(templates.c.id == call["template_id"]).values(
+        successes=templates.c.successes - 1, failures=templates.c.failures + 1))
+
+
 def summarize(rows: Iterable[Any]) -> list[AgentStats]:
     """Per-agent stats from rows with `agent`, `valid` and `latency_ms`, sorted by agent (pure)."""
     out = []
@@ -312,6 +366,30 @@ def summarize(rows: Iterable[Any]) -> list[AgentStats]:
         median = statistics.median(r["latency_ms"] for r in group)
         out.append(AgentStats(agent=agent, calls=len(group), valid_rate=valid / len(group), p50_latency_ms=median))
     return out
+
+
+class TemplateTally:
+    """The statement a batch of call rows implies: each template's counts move by its calls' outcomes, in the
+    transaction that inserts the calls (so a count is never lost nor made twice). Unknown template ids move nothing."""
+
+    def __init__(self, engine: Engine):
+        dialect = engine.dialect
+        stmt = templates.update().where(templates.c.id == bindparam("tid")).values(
+            successes=templates.c.successes + bindparam("ds"), failures=templates.c.failures + bindparam("df"))
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self._keys = list(compiled.positiontup) if compiled.positional else None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[tuple[str, list]]:
+        moves: dict[str, list[int]] = {}
+        for row in rows:
+            outcome = template_outcome(row)
+            if outcome is not None:
+                moves.setdefault(row["template_id"], [0, 0])[0 if outcome else 1] += 1
+        params = [{"tid": tid, "ds": ds, "df": df} for tid, (ds, df) in sorted(moves.items())]
+        if self._keys is not None:
+            params = [tuple(p[k] for k in self._keys) for p in params]
+        return [(self.sql, params)] if params else []
 
 
 def _call_row(call: CallRecord) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from app.errors import StoreError
 
 Row = dict[str, Any]
+FollowUps = list[tuple[str, list]] | tuple  # statements a batch runs after its INSERT, in its transaction
 _STOP = object()
 # Seconds to wait before each new attempt when a batch finds its connection gone: about 30 s in all, longer than a
 # PostgreSQL restart or failover takes; after that the batch's callers get the error.
@@ -64,13 +65,17 @@ class CompiledInsert:
         values = {k: (procs[k](v) if procs[k] else v) for k, v in row.items()}
         return tuple(values[k] for k in self._keys) if self._keys is not None else values
 
-    def run(self, dbapi_conn, params: list) -> None:
-        """Insert rows (as `params`) in one transaction on a DBAPI connection; rolled back entirely on error."""
+    def run(self, dbapi_conn, params: list, then: FollowUps = ()) -> None:
+        """Insert rows (as `params`) in one transaction on a DBAPI connection, then run the `then` statements
+        (sql, parameter list) in the same transaction; rolled back entirely on error."""
         cur = dbapi_conn.cursor()
         try:
             if self._begin:
                 cur.execute(self._begin)
             cur.executemany(self.sql, params)
+            for sql, more in then:
+                if more:
+                    cur.executemany(sql, more)
             dbapi_conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):  # on a cut connection this fails too; report the first error
@@ -108,8 +113,10 @@ class GroupCommitWriter:
     """Writes rows through one background thread; `write` returns once the row is committed."""
 
     def __init__(self, insert: CompiledInsert, *, describe: Callable[[Row, BaseException], str], max_batch=2000,
-                 reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS):
+                 reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS,
+                 then: Callable[[list[Row]], FollowUps] | None = None):
         self._insert = insert
+        self._then = then  # the statements a batch of rows implies (the template counts its calls move)
         self._reconnect_delays = reconnect_delays
         self._conn = None  # the writer's own connection, opened on the first batch and again after a cut
         self._describe = describe  # turns a failed row into a message for the caller
@@ -208,7 +215,7 @@ class GroupCommitWriter:
         if not tickets:
             return
         try:
-            self._run_batch([t.params for t in tickets])
+            self._run_batch([t.params for t in tickets], self._follow_ups([t.row for t in tickets]))
             self.commits += 1
         except self._insert.integrity_error:
             self._commit_one_by_one(tickets)  # so one duplicate id fails only its own caller
@@ -219,12 +226,15 @@ class GroupCommitWriter:
     def _commit_one_by_one(self, tickets: list[_Ticket]) -> None:
         for ticket in tickets:
             try:
-                self._run_batch([ticket.params])
+                self._run_batch([ticket.params], self._follow_ups([ticket.row]))
                 self.commits += 1
             except Exception as exc:
                 ticket.error = StoreError(self._describe(ticket.row, exc))
 
-    def _run_batch(self, params: list) -> None:
+    def _follow_ups(self, rows: list[Row]) -> FollowUps:
+        return self._then(rows) if self._then is not None else ()
+
+    def _run_batch(self, params: list, then: FollowUps = ()) -> None:
         """Insert `params` in one transaction; when the connection was cut, again on a fresh one (bounded backoff).
 
         The batch was rolled back with its connection, so nothing is written twice, unless the cut fell between
@@ -234,7 +244,7 @@ class GroupCommitWriter:
             try:
                 if self._conn is None:
                     self._conn = self._insert.connect()
-                self._insert.run(self._conn, params)
+                self._insert.run(self._conn, params, then)
                 return
             except Exception as exc:
                 if delay is None or not self._insert.is_disconnect(exc, self._conn):

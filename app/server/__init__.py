@@ -15,9 +15,13 @@ def app_factory():
     from app.config import load_settings
     from app.secrets import install_log_redaction
     from app.server.routes import create_app
+    from app.services import Services
+    from prompts.store import ProxyPrompts  # the composition root: app/ itself never imports prompts/
 
     install_log_redaction()
-    return create_app(load_settings())
+    settings = load_settings()
+    services = Services.from_settings(settings)
+    return create_app(settings, services, ProxyPrompts(services.store) if services.store is not None else None)
 
 
 def serve(host: str, port: int, workers: int, config: str | None, allow_unauthenticated: bool) -> None:

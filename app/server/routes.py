@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,18 +31,27 @@ from app.server.metrics import ProxyMetrics
 from app.server.protocol import (HTTPProblem, error_body, error_for, include_usage, parse_request, response_json, sse,
                                  sse_chunks, usage_chunk)
 from app.services import Services
-from app.wire import CallInfo, ChatChunk, ChatRequest
+from app.wire import CallInfo, ChatChunk, ChatRequest, Message
 
 log = logging.getLogger("slmswap.server")
 SESSION_HEADER = "x-slmswap-session"
 CAPTURE_HEADER = "x-slmswap-capture"
 
 
+class Prompts(Protocol):
+    """Templates for proxy calls (prompts/store.py's ProxyPrompts, given by the composition root)."""
+
+    def for_proxy(self, route: str, system: str | None, managed: bool,
+                  tools: list[dict] | None = None) -> tuple[str | None, str | None]:
+        """(the template id the call counts on, the system text to send instead of the client's, or None)."""
+        ...
+
+
 class Proxy:
     """What the endpoints share: settings, the services (store + Router), per-route in-flight counts, metrics."""
 
-    def __init__(self, settings: Settings, services: Services):
-        self.settings, self.services = settings, services
+    def __init__(self, settings: Settings, services: Services, prompts: Prompts | None = None):
+        self.settings, self.services, self.prompts = settings, services, prompts
         self.router = services.router
         self.in_flight: Counter[str] = Counter()
         self.metrics = ProxyMetrics()
@@ -94,6 +103,20 @@ class Proxy:
                      or str((req.metadata or {}).get("capture", "")).lower() in ("off", "false", "0"))
         return CallContext(route=route, source="proxy", sticky_key=sticky, capture=not opted_out, caller=caller)
 
+    async def template(self, req: ChatRequest, ctx: CallContext) -> tuple[ChatRequest, CallContext]:
+        """The template the call counts on (its system prompt's fingerprint) and, where the route has
+        `managed_prompt`, the request with the selected template in place of the client's system prompt."""
+        managed = self.settings.route(ctx.route).managed_prompt
+        if self.prompts is None or self.services.store is None or not (ctx.capture or managed):
+            return req, ctx
+        system = next((m for m in req.messages if m.role in ("system", "developer")), None)
+        template_id, text = await asyncio.to_thread(self.prompts.for_proxy, ctx.route,
+                                                    system.text() if system else None, managed, req.tool_dicts())
+        if text is not None:
+            rest = [m for m in req.messages if m is not system]
+            req = req.model_copy(update={"messages": [Message(role="system", content=text), *rest]})
+        return req, ctx.but(template_id=template_id)
+
     def slot(self, route: str) -> None:
         if self.in_flight[route] >= self.settings.proxy.max_concurrency:
             raise HTTPProblem(429, f"route {route!r} has {self.in_flight[route]} requests in flight, its limit; retry "
@@ -112,6 +135,7 @@ class Proxy:
         req, body = parse_request(await self.body(request))
         route = self.route_of(req.model)
         ctx = self.context(request, req, route, caller)
+        req, ctx = await self.template(req, ctx)
         self.slot(route)
         try:
             if req.stream:
@@ -192,10 +216,11 @@ def who(info: CallInfo | None) -> dict[str, str]:
     return {"x-slmswap-call-id": info.call_id, "x-slmswap-binding": info.binding, "x-slmswap-role": info.role}
 
 
-def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
-    """The proxy as an ASGI app; `services` (store + Router) are opened here unless given."""
+def create_app(settings: Settings, services: Services | None = None, prompts: Prompts | None = None) -> FastAPI:
+    """The proxy as an ASGI app; `services` (store + Router) are opened here unless given. `prompts` turns system
+    prompts into counted templates (`slmswap serve` passes prompts/store.py's ProxyPrompts)."""
     services = services or Services.from_settings(settings)
-    proxy = Proxy(settings, services)
+    proxy = Proxy(settings, services, prompts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
