@@ -18,6 +18,7 @@ from rich.text import Text
 from app.capture.redact import redact_text
 from app.cli_dataset import dataset_app
 from app.cli_templates import templates_app
+from app.cli_templates_langfuse import add_langfuse_commands
 from app.errors import SlmSwapError, UsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="slm-swap: move LLM calls of agent workflows to small local models.")
@@ -31,6 +32,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys for `slmswap serve`.
 app.add_typer(keys_app, name="keys")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(templates_app, name="templates")
+add_langfuse_commands(templates_app)
 
 out = Console()
 err = Console(stderr=True)

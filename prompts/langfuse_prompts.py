@@ -247,8 +247,8 @@ def known_routes(settings: Settings, store: Any) -> list[str]:
     with a template row in the store."""
     from prompts.base import base_templates
 
-    stored = {getattr(t, "route", None) or getattr(t, "agent", None) for t in store.list_templates()}
-    return sorted((set(base_templates()) | set(settings.routes) | stored) - {None})
+    stored = {t.route for t in store.list_templates()}
+    return sorted(set(base_templates()) | set(settings.routes) | stored)
 
 
 def production_template(templates: Any, store: Any, route: str, live: Sequence[Any]) -> Any:
@@ -264,6 +264,7 @@ def push_prompts(settings: Settings, store: Any, route: str | None = None, *,
     chosen = [route] if route else sorted(set(routes or ()))
     plans = []
     for name in chosen:
+        templates.ensure_base(store, name)  # a route with a base file has its row before it is pushed
         live = list(templates.live_templates(store, name))
         if not live:
             if route:
@@ -295,6 +296,8 @@ def pull_prompts(settings: Settings, store: Any, route: str | None = None) -> Pu
 
 def import_prompts(templates: Any, store: Any, pulled: Sequence[PulledPrompt], host: str) -> PullReport:
     report = PullReport(host)
+    for prompt in pulled:  # every text checked before the first row is written: one bad version adds nothing
+        templates.variables(prompt.text)
     known = {p.route: {t.id: t for t in templates.live_templates(store, p.route)} for p in pulled}
     for prompt in pulled:
         same = [t for t in known[prompt.route].values() if t.text == prompt.text]

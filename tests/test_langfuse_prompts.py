@@ -185,3 +185,55 @@ def test_push_to_an_unreachable_langfuse_or_with_refused_keys_names_the_host(rec
     monkeypatch.setenv("LANGFUSE_BASE_URL", url)
     with pytest.raises(LangfuseError, match=f"cannot reach Langfuse at {url}"):
         push(BASE, [BASE])
+
+
+# ---- the CLI on a real store (prompts/store.py) ----------------------------------------------------------
+
+def cli(capsys, monkeypatch, *args):
+    import sys
+
+    import typer
+
+    from app import cli as cli_module
+    from app.cli_templates_langfuse import add_langfuse_commands
+
+    local, templates_app = typer.Typer(), typer.Typer()
+    add_langfuse_commands(templates_app)
+    local.add_typer(templates_app, name="templates")
+    monkeypatch.setattr(cli_module, "app", local)
+    monkeypatch.setattr(sys, "argv", ["slmswap", "templates", *args])
+    try:
+        cli_module.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_push_then_pull_into_a_fresh_store_imports_as_langfuse_and_a_failed_pull_adds_nothing(
+        receiver, capsys, monkeypatch, tmp_path):
+    from app.capture.store import CaptureStore
+    from prompts import store as templates
+
+    with CaptureStore.open(load_settings().store.url) as store:
+        templates.ensure_base(store, "retrieval")
+        evolved = templates.add_template(store, "retrieval", RULE.text, origin="evolved")
+    code, out, err = cli(capsys, monkeypatch, "push", "--route", "retrieval")
+    assert code == 0, err
+    assert labelled(receiver, "candidate")["config"]["template_id"] == evolved.id
+    monkeypatch.setenv("SLMSWAP_STORE__URL", f"sqlite:///{tmp_path / 'other.db'}")
+    receiver.fail_after(2, 500)
+    code, _, err = cli(capsys, monkeypatch, "pull", "--route", "retrieval")
+    assert code == 1 and receiver.url in err
+    with CaptureStore.open(load_settings().store.url) as store:
+        assert templates.live_templates(store, "retrieval") == []
+    receiver.fail_with(None)
+    code, out, err = cli(capsys, monkeypatch, "pull", "--route", "retrieval")
+    assert code == 0, err
+    with CaptureStore.open(load_settings().store.url) as store:
+        pulled = templates.live_templates(store, "retrieval")
+    assert sorted(t.text for t in pulled) == sorted([RULE.text, labelled(receiver, "production")["prompt"]])
+    assert {t.origin for t in pulled} == {"langfuse"}
+    code, out, err = cli(capsys, monkeypatch, "pull", "--route", "retrieval")
+    assert code == 0 and "already in the store" in out
