@@ -20,6 +20,7 @@ from app.cli_dataset import dataset_app
 from app.cli_models import loop, models_app
 from app.cli_train import train_command
 from app.cli_templates import templates_app
+from app.cli_templates_langfuse import add_langfuse_commands
 from prompts.cli_evolve import register as register_evolve  # the composition root adds prompts/' own commands
 from app.errors import SlmSwapError, UsageError
 
@@ -37,6 +38,7 @@ app.add_typer(models_app, name="models")
 app.command("loop")(loop)
 app.command("train")(train_command)
 app.add_typer(templates_app, name="templates")
+add_langfuse_commands(templates_app)
 register_evolve(templates_app)
 
 out = Console()

@@ -1,4 +1,5 @@
-"""`slmswap dataset …`: training sets from the capture store or from BFCL's ground truth, written to a folder.
+"""`slmswap dataset …`: training sets from the capture store, BFCL's ground truth or a Langfuse dataset, written to a
+folder; and the store's selection pushed to Langfuse as a dataset.
 
 Each command parses, calls `training/datasets.py`, prints counts. Bad input raises UsageError (exit 2 through
 `app.cli.main`) before anything is written. The lead registers it: `app.add_typer(dataset_app, name="dataset")`.
@@ -117,6 +118,51 @@ def check(folder: str = typer.Argument(..., help="A dataset folder written by bu
     loaded = read_dataset(folder)
     counts = ", ".join(f"{name} {len(rows)}" for name, rows in loaded.splits.items())
     out.print(Text(f"{folder}: {loaded.kind} rows, {counts}; every row is well-formed"), highlight=False)
+
+
+@dataset_app.command("push-langfuse")
+def push_langfuse(
+    name: str = typer.Option(..., "--name", "-n", help="The Langfuse dataset to create or update."),
+    route: list[str] = RouteOpt,
+    cap: int | None = typer.Option(None, "--max-per-route", min=1, help="Push at most N examples per route."),
+    config: str | None = ConfigOpt,
+) -> None:
+    """The calls `build` would keep, as the items of a Langfuse dataset (input, expected output, route, template,
+    binding, call id); a re-push updates the same items. Example: slmswap dataset push-langfuse --name retrieval-v1"""
+    from app.config import load_settings
+    from training import datasets as ds
+    from training.langfuse_datasets import push_dataset
+
+    calls, verdicts = _captured(config)
+    sel = ds.select(calls, verdicts, routes=route or None, cap=cap)
+    if not sel.kept:
+        raise UsageError(f"no calls to push ({_tally(sel.dropped) or 'the store has none'}); capture more calls "
+                         "or widen --route")
+    report = push_dataset(load_settings(config), name, sel.kept, {c.id: c for c in calls})
+    out.print(Text(f"pushed {report.pushed} items to dataset {name!r} at {report.host}"), highlight=False)
+    _print_counter("pushed", "route", report.routes)
+    _print_counter("dropped", "reason", sel.dropped)
+
+
+@dataset_app.command("pull-langfuse")
+def pull_langfuse(
+    name: str = typer.Option(..., "--name", "-n", help="The Langfuse dataset to read."),
+    fmt: str = FormatOpt,
+    min_examples: int = typer.Option(1, "--min-examples", help="Refuse to write fewer examples than this."),
+    val_percent: int = ValOpt,
+    out_dir: str = OutOpt,
+    config: str | None = ConfigOpt,
+) -> None:
+    """A Langfuse dataset as a dataset folder like `build` writes; items without an expected output or with an
+    input that does not parse are dropped and counted. Example: slmswap dataset pull-langfuse --name faq --out ds/"""
+    from app.config import load_settings
+    from training.langfuse_datasets import pull_dataset
+
+    target = _check_args(fmt, val_percent, out_dir)
+    report = pull_dataset(load_settings(config), name, target, fmt, val_percent=val_percent,
+                          min_examples=min_examples)
+    _print_counts(report.splits, target)
+    _print_counter("dropped", "reason", report.dropped)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ class RestFake:
             ("GET", re.compile(r"/api/public/dataset-items"), self.list_items),
             ("GET", re.compile(r"/api/public/dataset-items/(?P<id>[^/]+)"), self.get_item),
             ("POST", re.compile(r"/api/public/v2/prompts"), self.create_prompt),
+            ("GET", re.compile(r"/api/public/v2/prompts"), self.list_prompts),
             ("GET", re.compile(r"/api/public/v2/prompts/(?P<name>[^/]+)"), self.get_prompt),
             ("PATCH", re.compile(r"/api/public/v2/prompts/(?P<name>[^/]+)/versions/(?P<v>\d+)"), self.label_prompt),
             ("POST", re.compile(r"/api/public/scores"), self.create_scores),
@@ -231,6 +232,21 @@ class RestFake:
         versions.append(prompt)
         return 200, prompt
 
+    def list_prompts(self, query: dict[str, str], **_: Any) -> tuple[int, Any]:
+        """PromptMeta per prompt name (`name`, `label` and `tag` filter exactly, as the server's do)."""
+        metas = []
+        for name, versions in self.prompts.items():
+            if "label" in query:
+                versions = [p for p in versions if query["label"] in p["labels"]]
+            if "tag" in query:
+                versions = [p for p in versions if query["tag"] in p["tags"]]
+            if not versions or query.get("name", name) != name:
+                continue
+            metas.append({"name": name, "type": versions[-1]["type"], "versions": [p["version"] for p in versions],
+                          "labels": sorted({label for p in versions for label in p["labels"]}),
+                          "tags": versions[-1]["tags"], "lastUpdatedAt": _now(), "lastConfig": versions[-1]["config"]})
+        return 200, _page(metas, query)
+
     def get_prompt(self, name: str, query: dict[str, str], **_: Any) -> tuple[int, Any]:
         versions = self.prompts.get(name, [])
         if "version" in query:
@@ -289,6 +305,7 @@ class LangfuseReceiver:
         self._spans: list[dict[str, Any]] = []
         self._requests: list[dict[str, Any]] = []
         self._failure: tuple[int, float | None] | None = None
+        self._fail_after: tuple[int, int] | None = None  # (requests still answered, then this status)
         self._changed = threading.Condition()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.receiver = self
@@ -327,6 +344,11 @@ class LangfuseReceiver:
         """
         self._failure = None if status is None else (status, retry_after)
 
+    def fail_after(self, n: int, status: int) -> None:
+        """Answer the next `n` requests normally, then every later one with `status`: a server failing midway."""
+        with self._changed:
+            self._fail_after = (n, status)
+
     def wait_for_spans(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Block until at least `n` spans arrived; return them all, or fail the test naming what did arrive."""
         deadline = time.monotonic() + timeout
@@ -362,6 +384,7 @@ class LangfuseReceiver:
             "headers": _redacted(dict(handler.headers.items())),
             "body": None if is_otlp else _json_body(body),
         }
+        self._count_down()
         if self._failure is not None:
             status, headers, payload = _failure_reply(*self._failure)
         elif is_otlp:
@@ -372,6 +395,14 @@ class LangfuseReceiver:
             self._requests.append({**record, "status": status})
             self._changed.notify_all()
         _respond(handler, status, headers, payload)
+
+    def _count_down(self) -> None:
+        with self._changed:
+            if self._fail_after is not None:
+                left, status = self._fail_after
+                self._fail_after = (left - 1, status) if left > 0 else None
+                if left <= 0:
+                    self._failure = (status, None)
 
     def _accept_spans(self, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytes]:
         spans = decode_otlp(body, content_type)
