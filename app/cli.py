@@ -17,6 +17,7 @@ from rich.text import Text
 
 from app.capture.redact import redact_text
 from app.cli_dataset import dataset_app
+from app.cli_export import export_command
 from app.cli_models import loop, models_app
 from app.cli_train import train_command
 from app.cli_templates import templates_app
@@ -37,6 +38,7 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(models_app, name="models")
 app.command("loop")(loop)
 app.command("train")(train_command)
+app.command("export")(export_command)
 app.add_typer(templates_app, name="templates")
 add_langfuse_commands(templates_app)
 register_evolve(templates_app)
