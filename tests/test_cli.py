@@ -9,22 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
 from tests.conftest import ROOT
+from tests.support.cli import slmswap
 
 
-def slmswap(capsys, *args):
-    old = sys.argv
-    sys.argv = ["slmswap", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_run_json_prints_answer_plan_calls_run_id(capsys, scripted):

@@ -15,27 +15,13 @@ import numpy as np
 import pytest
 
 from tests.support.requires import require
+from tests.support.cli import slmswap
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon, and Neil Armstrong "
           "said that it was one small step for a man. Paris is the capital of France; Berlin is the capital of")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def slmswap(capsys, *args):
-    import sys
-
-    from app.cli import main
-
-    old, sys.argv = sys.argv, ["slmswap", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

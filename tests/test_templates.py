@@ -13,6 +13,7 @@ from app.capture.store import CaptureStore
 from app.errors import UsageError
 from prompts import store as ts
 from prompts.base import base_templates
+from tests.support.cli import slmswap
 
 
 @pytest.fixture
@@ -108,21 +109,6 @@ def test_retire_keeps_the_row_and_its_counts(store):
 
 # ---- CLI: templates list / show / errors, through the real entry point ---------------------------------------------
 
-def slmswap(capsys, *args):
-    import sys
-
-    from app.cli import main
-
-    old, sys.argv = sys.argv, ["slmswap", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

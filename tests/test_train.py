@@ -10,6 +10,7 @@ import pytest
 
 from app.errors import UsageError
 from tests.support.requires import require
+from tests.support.cli import slmswap
 
 CITIES = ("Paris", "Tokyo", "Lima", "Oslo")
 TOOLS = [{"type": "function", "function": {
@@ -45,21 +46,6 @@ def write_pairs(folder: Path) -> Path:
     return folder
 
 
-def slmswap(capsys, *args):
-    import sys
-
-    from app.cli import main
-
-    old, sys.argv = sys.argv, ["slmswap", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def options(tmp_path: Path, **kw):
