@@ -53,7 +53,9 @@ def make(tmp_path):
 
 def ask(user="u1", tools=True) -> tuple[ChatRequest, CallContext]:
     req = ChatRequest(model="r", messages=[{"role": "user", "content": "q"}], **({"tools": TOOLS} if tools else {}))
-    return req, CallContext(route="r", sticky_key=user, source="proxy")
+    # A graph call is committed before complete() returns, so each gate check sees every call before it; a proxy
+    # call is durable at its journal write and reaches the gates once committed (tests/test_journal.py).
+    return req, CallContext(route="r", sticky_key=user, source="graph")
 
 
 def complete(router, user="u1", tools=True):

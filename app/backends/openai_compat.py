@@ -377,6 +377,21 @@ def _openai_client(binding: Binding) -> Any:
     return AsyncOpenAI(base_url=opts.base_url, api_key=key or "not-needed", timeout=opts.timeout, max_retries=0)
 
 
+def _split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """(the URL without `user:password@`, the Basic authorization header it implies): what httpx, and so the SDK's
+    path, does with credentials in a base URL (they win over the bearer key)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, {}
+    netloc = parts.netloc.rpartition("@")[2]
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return (urlunsplit(parts._replace(netloc=netloc)),
+            {"authorization": "Basic " + base64.b64encode(pair.encode()).decode()})
+
+
 class _Direct:
     """One binding's bare HTTP/1.1 path on one event loop: the URL, the headers and a keep-alive pool.
 
@@ -396,16 +411,17 @@ class _Direct:
             key = _env(opts.api_key_env, binding, "the resource's key")
             register_secret(key)
             version = opts.api_version or os.environ.get("OPENAI_API_VERSION") or "2024-10-21"
-            pool = HTTP1Pool(endpoint.rstrip("/") + "/openai", opts.timeout)
-            return cls(pool, f"/deployments/{binding.target}/chat/completions?api-version={version}",
-                       {**base, "api-key": key})
+            url, basic = _split_credentials(endpoint.rstrip("/") + "/openai")
+            return cls(HTTP1Pool(url, opts.timeout), f"/deployments/{binding.target}/chat/completions?api-version={version}",
+                       {**base, "api-key": key, **basic})
         key = os.environ.get(opts.api_key_env)
         register_secret(key)  # before any call: an upstream may echo the key back
         if not key and not opts.base_url:
             _env(opts.api_key_env, binding, "your API key, or set base_url for a local server")
         base_url = opts.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        return cls(HTTP1Pool(base_url, opts.timeout), "/chat/completions",
-                   {**base, "authorization": f"Bearer {key or 'not-needed'}"})
+        url, basic = _split_credentials(base_url)
+        return cls(HTTP1Pool(url, opts.timeout), "/chat/completions",
+                   {**base, "authorization": f"Bearer {key or 'not-needed'}", **basic})
 
     async def post(self, body: bytes) -> Reply:
         import openai

@@ -193,15 +193,24 @@ class Router:
             payload.update(raw=response_payload(raw), repairs=repairs)
         record = self._record(req, ctx, info, payload, usage, teacher_cost, parent, agreed)
         if self.store is not None and ctx.capture:
-            await self.store.arecord_durable(record)
+            await self._store_record(record)
         self._after_judged(route, info.role)
         return Attempt(info.role, info, resp, verdict=verdict)
 
     async def _capture_failure(self, failed: tuple[Attempt, CallRecord | None]) -> Attempt:
         attempt, record = failed
         if record is not None:
-            await self.store.arecord_durable(record)
+            await self._store_record(record)
         return attempt
+
+    async def _store_record(self, record: CallRecord) -> None:
+        """A proxy call is durable at one journal write (the response must not wait for the commit); any other
+        caller waits for the commit without blocking its event loop (a graph under `langgraph dev` is checked
+        for blocking calls, and reads its own calls right after)."""
+        if record.source == "proxy":
+            await self.store.arecord_durable(record)
+        else:
+            await self.store.arecord(record)
 
     def _failed(self, req: ChatRequest, ctx: CallContext, route: Route, info: CallInfo, started: float,
                 exc: BaseException, parent: Attempt | None,
