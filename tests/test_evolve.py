@@ -12,8 +12,8 @@ from app.capture.store import CaptureStore
 from app.holdout import is_held_out
 from prompts.cli_evolve import evolve_route, register
 from prompts.store import add_template
-from prompts.evolve import (EXAMPLES_VAR, GENERIC, RULES_HEADING, Observation, evolve, fill_examples, observations,
-                            parse_reflection, reflect, reflection_messages)
+from prompts.evolve import (EXAMPLES_VAR, GENERIC, RULES_HEADING, evolve, fill_examples, observations,
+                            parse_reflection, reflection_messages)
 
 SEARCH = {"type": "function", "function": {"name": "search", "parameters": {
     "type": "object", "properties": {"query": {"type": "string"}, "n": {"type": "integer"}}, "required": ["query"]}}}
