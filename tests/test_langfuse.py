@@ -14,27 +14,14 @@ import pytest
 from app import observability
 from app.config import load_settings
 from tests.conftest import ROOT
-from tests.support.langfuse_receiver import LangfuseReceiver, observation_metadata
+from tests.support.cli import slmswap
+from tests.support.langfuse_fixtures import fresh_client, receiver  # noqa: F401 (pytest fixtures)
+from tests.support.langfuse_receiver import observation_metadata
 from tests.support.scripted import tool
-from tests.test_cli import slmswap
 
 AGENTS = ("orchestrator", "retrieval", "processing", "validation", "formatting", "aggregate")
 QUERY = "Analyze Q4 sales by region"
 TYPE, INPUT, OUTPUT = "langfuse.observation.type", "langfuse.observation.input", "langfuse.observation.output"
-
-
-@pytest.fixture(autouse=True)
-def fresh_client():
-    """Each test builds its own Langfuse client from its own keys; none outlives the test."""
-    observability.shutdown()
-    yield
-    observability.shutdown()
-
-
-@pytest.fixture
-def receiver():
-    with LangfuseReceiver() as r:
-        yield r
 
 
 @pytest.fixture

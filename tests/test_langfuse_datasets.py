@@ -14,26 +14,12 @@ import pytest
 from app import observability
 from app.capture.store import CaptureStore
 from app.config import load_settings
-from tests.support.langfuse_receiver import LangfuseReceiver
+from tests.support.langfuse_fixtures import fresh_client, receiver  # noqa: F401 (pytest fixtures)
 from tests.test_datasets import FEEDBACK, KEPT, STORE, TOOLS, rows, seed, slmswap
 from training import datasets as ds
 from training import langfuse_datasets as lfd
 
 NAME = "retrieval-v1"
-
-
-@pytest.fixture(autouse=True)
-def fresh_client():
-    """Each test builds its own Langfuse client from its own keys; none outlives the test."""
-    observability.shutdown()
-    yield
-    observability.shutdown()
-
-
-@pytest.fixture
-def receiver():
-    with LangfuseReceiver() as r:
-        yield r
 
 
 @pytest.fixture

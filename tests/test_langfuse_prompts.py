@@ -15,6 +15,7 @@ from app.errors import UsageError
 from app.langfuse_rest import LangfuseError, LangfuseNotFound, rest_client
 from prompts import langfuse_prompts as lp
 from tests.support.langfuse_receiver import LangfuseReceiver
+from tests.support.langfuse_fixtures import fresh_client  # noqa: F401 (pytest fixtures)
 
 NAME = "slmswap/retrieval"
 
@@ -31,13 +32,6 @@ class T:
 BASE = T("retrieval/base@1", "You fetch data. Answer with one tool call.", "base")
 RULE = T("retrieval/e1", "You fetch data. Answer with one tool call. Use parameter `query`, not `q`.")
 FENCE = T("retrieval/e2", "You fetch data. Output only the JSON object, no markdown fences.")
-
-
-@pytest.fixture(autouse=True)
-def fresh_client():
-    observability.shutdown()
-    yield
-    observability.shutdown()
 
 
 @pytest.fixture
