@@ -10,6 +10,7 @@ Options come inline (query-style) or from config (`[bindings."<binding>"]`); inl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode
@@ -107,8 +108,7 @@ class Binding:
 
     def canonical(self) -> str:
         """The binding with its explicit options, sorted: the key of the backend cache."""
-        query = urlencode(sorted(self.raw_options), safe="/:.-_")
-        return f"{self.kind}:{self.target}" + (f"?{query}" if query else "")
+        return _canonical(self.kind, self.target, self.raw_options)
 
     @property
     def name(self) -> str:
@@ -155,3 +155,9 @@ def _bad_options(text: str, kind: str, exc: ValidationError) -> str:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     valid = ", ".join(OPTIONS_BY_KIND[kind].model_fields)
     return f"bad options in binding {text!r} ({problems}); options for {kind}: {valid}"
+
+
+@functools.lru_cache(maxsize=1024)  # looked up on every call (the backend cache's key); a URL encode is not free
+def _canonical(kind: str, target: str, raw_options: tuple[tuple[str, str], ...]) -> str:
+    query = urlencode(sorted(raw_options), safe="/:.-_")
+    return f"{kind}:{target}" + (f"?{query}" if query else "")

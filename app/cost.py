@@ -8,6 +8,8 @@ answer's own token counts: the teacher's tokenizer is not at hand, so this is an
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from app.backends.base import pricing_of
@@ -66,6 +68,7 @@ def cost_usd(binding: Binding, prompt_tokens: int, completion_tokens: int, secon
     return (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
 
 
+@functools.lru_cache(maxsize=1024)  # priced on every call
 def _model_key(target: str) -> str:
     """Longest table key that the deployment/model name starts with (`gpt-4o-2024-08-06` → `gpt-4o`)."""
     name = target.lower()

@@ -177,6 +177,15 @@ class ProxyPrompts:
             return own, None
         return chosen.id, render(chosen.text, {"tools": tools_text(tools or [])})
 
+    def known(self, route: str, system: str | None, managed: bool) -> tuple[str | None, str | None] | None:
+        """`for_proxy`'s answer when no store access is needed (the request path's fast case), else None."""
+        if managed:
+            return None
+        if not system or not system.strip():
+            return None, None
+        key = (route, template_hash(system))
+        return (self._known[key], None) if key in self._known else None
+
     def fingerprint(self, route: str, system: str) -> str | None:
         """The id of the template this system prompt is (added on first sight); None for a text holding an unknown
         `{{variable}}`, which could never be rendered, so its calls go uncounted."""

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,3 +153,39 @@ def test_rows_the_store_refused_stay_journaled_for_the_next_start(tmp_path):
         assert sorted(c.id for c in again.list_calls()) == ["dup", "fine"]
     assert not (tmp_path / "calls.db.capture-journal").exists()
 
+
+
+def test_journaled_calls_wake_the_writer_once_and_share_one_commit(store_url, monkeypatch):
+    # Nobody waits for a journaled call, so the writer is not woken for each one (a thread switch on the request
+    # path): it lingers, and a reader's barrier (or close) takes every journaled row at once.
+    from app.capture import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "JOURNAL_LINGER_S", 600.0)  # lingering would outlast the test: only the barrier ends it
+    with CaptureStore.open(store_url) as store:
+        writer = store._writer
+        before = writer.commits
+
+        async def main():
+            for i in range(20):
+                await store.arecord_durable(call(id=f"l{i}"))
+
+        asyncio.run(main())
+        assert writer._queue.qsize() <= 1  # one wake-up queued (or already taken) for all twenty
+        store.flush()
+        assert writer.commits - before == 1 and writer.journaled == 0
+        assert len(store.list_calls(limit=100)) == 20
+        asyncio.run(store.arecord_durable(call(id="at-close")))  # close commits it while the writer lingers
+    with CaptureStore.open(store_url) as again:
+        assert "at-close" in {c.id for c in again.list_calls(limit=100)}
+
+
+def test_journaled_calls_are_committed_without_any_reader(store_url, monkeypatch):
+    from app.capture import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "JOURNAL_LINGER_S", 0.01)
+    with CaptureStore.open(store_url) as store:
+        asyncio.run(store.arecord_durable(call(id="alone")))
+        deadline = time.monotonic() + 120  # a bound for a stalled machine, not a measurement
+        while store._writer.journaled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store._writer.journaled == 0  # the writer committed it on its own, no barrier asked

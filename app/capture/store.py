@@ -199,6 +199,9 @@ class CaptureStore:
         return TemplateRecord(**row)
 
     def get_template(self, template_id: str) -> TemplateRecord | None:
+        """One template with its outcome counts, this process's journaled calls counted (read your own writes).
+        `list_templates` does not wait for them: selection reads it on the request path."""
+        self._settle()
         rows = self._fetch(select(templates).where(templates.c.id == template_id))
         return _template(rows[0]) if rows else None
 

@@ -38,6 +38,10 @@ log = logging.getLogger("slmswap.capture")
 Row = dict[str, Any]
 FollowUps = list[tuple[str, list]] | tuple  # statements a batch runs after its INSERT, in its transaction
 _STOP = object()
+_LINGER = object()  # a wake-up for journaled rows: the writer lingers, then takes every journaled row at once
+# How long the writer lets journaled rows gather before it commits them. Nobody waits for those rows (they are
+# durable in the journal), so waking the writer for each one would only buy thread switches on the request path.
+JOURNAL_LINGER_S = 0.05
 # Seconds to wait before each new attempt when a batch finds its connection gone: about 30 s in all, longer than a
 # PostgreSQL restart or failover takes; after that the batch's callers get the error.
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1, 2, 2, 4, 4, 8, 8)
@@ -133,6 +137,8 @@ class GroupCommitWriter:
         self._describe = describe  # turns a failed row into a message for the caller
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lazy: list[_Ticket] = []  # journaled tickets not yet taken by the writer (under _lock)
+        self._lazy_armed = False  # a _LINGER is queued or the writer is lingering: no need to wake it again
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
@@ -208,8 +214,14 @@ class GroupCommitWriter:
                                      "that its disk has room") from exc
                 self.journaled += 1
             ticket = _Ticket(row, params, future, segment)
-            self._queue.put(ticket)
             self.pending += 1
+            if segment is None:
+                self._queue.put(ticket)
+            else:  # nobody waits for it: the writer is woken once for all the rows of the next JOURNAL_LINGER_S
+                self._lazy.append(ticket)
+                if not self._lazy_armed:
+                    self._lazy_armed = True
+                    self._queue.put(_LINGER)
         return ticket
 
     def _run(self) -> None:
@@ -227,6 +239,7 @@ class GroupCommitWriter:
         """Commit one batch; False once the stop marker has been seen."""
         batch = self._drain()
         tickets = [t for t in batch if t is not _STOP]
+        stopped = len(tickets) < len(batch)
         try:
             self._commit([t for t in tickets if t.row is not None])
         except BaseException as exc:
@@ -235,16 +248,30 @@ class GroupCommitWriter:
             raise
         finally:
             self._notify(tickets)
-        return len(tickets) == len(batch)
+        return not stopped
 
     def _drain(self) -> list:
-        batch = [self._queue.get()]
+        """The next batch: what is queued (waiting callers, the stop marker) plus every journaled row so far."""
+        first = self._queue.get()
+        if first is _LINGER:
+            try:  # let journaled rows gather, unless a caller who waits (or close) comes first
+                first = self._queue.get(timeout=JOURNAL_LINGER_S)
+            except queue.Empty:
+                first = None
+        batch = [] if first is None or first is _LINGER else [first]
         try:
-            while len(batch) < self._max_batch and batch[-1] is not _STOP:
-                batch.append(self._queue.get_nowait())
+            while len(batch) < self._max_batch and (not batch or batch[-1] is not _STOP):
+                item = self._queue.get_nowait()
+                if item is not _LINGER:
+                    batch.append(item)
         except queue.Empty:
             pass
-        return batch
+        with self._lock:
+            lazy, self._lazy, self._lazy_armed = self._lazy, [], False
+        # The stop marker stays last: everything before it is committed before the thread ends.
+        if batch and batch[-1] is _STOP:
+            return [*batch[:-1], *lazy, _STOP]
+        return [*batch, *lazy]
 
     def _commit(self, tickets: list[_Ticket]) -> None:
         if not tickets:
@@ -297,13 +324,15 @@ class GroupCommitWriter:
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             self._closed = True
-        tickets = []
+            tickets, self._lazy = self._lazy, []
+        for ticket in tickets:
+            ticket.error = StoreError(f"the capture writer stopped: {exc!r}")
         while True:
             try:
                 ticket = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if ticket is not _STOP:
+            if ticket is not _STOP and ticket is not _LINGER:
                 ticket.error = StoreError(f"the capture writer stopped: {exc!r}")
                 tickets.append(ticket)
         self._notify(tickets)

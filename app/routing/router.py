@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -32,6 +32,11 @@ from app.routing.rollout import agreement, decide, judge_stage
 from app.routing.routes import Route, RouteStates, gates
 from app.validation import Verdict, validate_answer
 from app.wire import AssistantMessage, CallInfo, ChatChunk, ChatRequest, ChatResponse, Choice, ToolCall, Usage
+
+
+def new_id() -> str:
+    """A random 128-bit id in hex, as uuid4().hex gives but a fifth of its cost (it is made on every call)."""
+    return os.urandom(16).hex()
 
 
 JUDGE_PROMPT = ("You compare two answers to the same request. Reply with JSON {\"agree\": true} when they say the "
@@ -95,7 +100,7 @@ class Router:
         """
         ctx = ctx or CallContext(route=req.model)
         route = await self.aroute(ctx.route)
-        decision = decide(route.name, route.stage, route.student is not None, ctx.sticky_key or uuid.uuid4().hex)
+        decision = decide(route.name, route.stage, route.student is not None, ctx.sticky_key or new_id())
         if decision.student_answers:
             first = await self._attempt(req, ctx, route, "student", route.student)
             if first.failure is None:
@@ -117,7 +122,7 @@ class Router:
         """
         ctx = ctx or CallContext(route=req.model)
         route = await self.aroute(ctx.route)
-        decision = decide(route.name, route.stage, route.student is not None, ctx.sticky_key or uuid.uuid4().hex)
+        decision = decide(route.name, route.stage, route.student is not None, ctx.sticky_key or new_id())
         if decision.student_answers:
             structured = bool(req.tools or req.response_format)
             held: list[ChatChunk] = []
@@ -163,7 +168,7 @@ class Router:
         return attempt
 
     def _info(self, ctx: CallContext, route: Route, role: Role, binding: Binding) -> CallInfo:
-        return CallInfo(call_id=uuid.uuid4().hex, route=route.name, binding=binding.name, role=role,
+        return CallInfo(call_id=new_id(), route=route.name, binding=binding.name, role=role,
                         template_id=ctx.template_id)
 
     async def _judge(self, req: ChatRequest, ctx: CallContext, route: Route, info: CallInfo, binding: Binding,
@@ -379,7 +384,7 @@ class _StreamAttempt:
 
     def closing(self) -> ChatChunk:
         """The last chunk: no choices, the usage, and the call info with its verdict."""
-        return ChatChunk(id=self.acc.id or "chatcmpl-" + uuid.uuid4().hex, model=self.binding.name, choices=[],
+        return ChatChunk(id=self.acc.id or "chatcmpl-" + new_id(), model=self.binding.name, choices=[],
                          usage=self.acc.usage, slmswap=self.info)
 
 

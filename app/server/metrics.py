@@ -30,6 +30,7 @@ class ProxyMetrics:
         self.stage = Gauge("slmswap_stage", "Rollout stage: 0 teacher, 1 shadow, 2 canary, 3 half, 4 student",
                            ["route"], registry=r)
         self._router = None
+        self._children: dict[tuple, tuple] = {}  # (route, role) -> the labelled series a success moves
         r.register(self)  # collect() below reports the Router's own counts
 
     def watch(self, router) -> None:
@@ -51,14 +52,21 @@ class ProxyMetrics:
 
     def answered(self, info: CallInfo | None, route: str, usage: Usage | None, seconds: float) -> None:
         role = info.role if info else "none"
-        self.requests.labels(route, role, "ok").inc()
-        self.latency.labels(route).observe(seconds)
+        series = self._children.get((route, role))
+        if series is None:  # `labels()` costs more than the increments: look each series up once
+            series = self._children[route, role] = (
+                self.requests.labels(route, role, "ok"), self.latency.labels(route),
+                self.tokens.labels(route, "prompt"), self.tokens.labels(route, "completion"),
+                self.cost.labels(route), self.counterfactual.labels(route))
+        requests, latency, prompt, completion, cost, counterfactual = series
+        requests.inc()
+        latency.observe(seconds)
         if usage is not None:
-            self.tokens.labels(route, "prompt").inc(usage.prompt_tokens)
-            self.tokens.labels(route, "completion").inc(usage.completion_tokens)
+            prompt.inc(usage.prompt_tokens)
+            completion.inc(usage.completion_tokens)
         if info is not None:
-            self.cost.labels(route).inc(info.cost_usd)
-            self.counterfactual.labels(route).inc(info.teacher_cost_usd)
+            cost.inc(info.cost_usd)
+            counterfactual.inc(info.teacher_cost_usd)
 
     def failed(self, route: str, error_type: str, seconds: float) -> None:
         self.requests.labels(route, "none", "error").inc()

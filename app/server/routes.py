@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
 from app.errors import SlmSwapError, UsageError
+from app.observability import client as observability_client
 from app.observability import observe_call
 from app.observability import shutdown as shutdown_observability
 from app.routing.context import CallContext
@@ -48,6 +49,11 @@ class Prompts(Protocol):
         """(the template id the call counts on, the system text to send instead of the client's, or None)."""
         ...
 
+    def known(self, route: str, system: str | None, managed: bool) -> tuple[str | None, str | None] | None:
+        """`for_proxy`'s answer when it needs no store (an unmanaged route's absent or already seen prompt), else
+        None: the request path then skips the worker thread."""
+        ...
+
 
 class Proxy:
     """What the endpoints share: settings, the services (store + Router), per-route in-flight counts, metrics."""
@@ -58,6 +64,9 @@ class Proxy:
         self.in_flight: Counter[str] = Counter()
         self.metrics = ProxyMetrics()
         self.metrics.watch(self.router)
+        # Langfuse keys are read once: a server's environment and config do not change while it serves, and reading
+        # them costs more per request than the rest of the request's bookkeeping.
+        self.traced = observability_client(settings) is not None
 
     # ---- request checks --------------------------------------------------------------------------------------
 
@@ -112,8 +121,11 @@ class Proxy:
         if self.prompts is None or self.services.store is None or not (ctx.capture or managed):
             return req, ctx
         system = next((m for m in req.messages if m.role in ("system", "developer")), None)
-        template_id, text = await asyncio.to_thread(self.prompts.for_proxy, ctx.route,
-                                                    system.text() if system else None, managed, req.tool_dicts())
+        system_text = system.text() if system else None
+        answer = self.prompts.known(ctx.route, system_text, managed)
+        if answer is None:  # a new prompt (stored on first sight) or a managed route (sampled from the store)
+            answer = await asyncio.to_thread(self.prompts.for_proxy, ctx.route, system_text, managed, req.tool_dicts())
+        template_id, text = answer
         if text is not None:
             rest = [m for m in req.messages if m is not system]
             req = req.model_copy(update={"messages": [Message(role="system", content=text), *rest]})
@@ -142,9 +154,12 @@ class Proxy:
         try:
             if req.stream:
                 return await self.stream(req, body, ctx, started)
-            with observe_call(self.settings, req, route=route) as observation:  # a no-op without Langfuse keys
+            if self.traced:
+                with observe_call(self.settings, req, route=route) as observation:
+                    resp = await self.router.complete(req, ctx)
+                    observation.finish(resp)
+            else:
                 resp = await self.router.complete(req, ctx)
-                observation.finish(resp)
         except BaseException as exc:
             self.release(route)
             if isinstance(exc, Exception):
@@ -240,13 +255,16 @@ def create_app(settings: Settings, services: Services | None = None, prompts: Pr
         services.close()
         shutdown_observability()  # flush what Langfuse has buffered
 
-    app = FastAPI(title="slm-swap proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own OpenTelemetry middleware is off: once Langfuse installs a tracer provider it would trace every
+    # HTTP request beside our one generation per call, and it costs a share of the added latency even when idle.
+    app = FastAPI(title="slm-swap proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
     app.state.proxy = proxy
     _errors(app)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await proxy.chat(request)
+    # A plain Starlette route: FastAPI's dependency solving and response validation would be work per request for
+    # an endpoint that reads its own body and renders its own response.
+    app.add_route("/v1/chat/completions", proxy.chat, methods=["POST"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
