@@ -91,6 +91,9 @@ class ProxyConfig(Section):
     open_routes: bool = False  # an unknown `model` becomes a route on the default binding instead of a 404
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_concurrency: int = Field(64, ge=1)  # requests in flight per route; past that a 429 with Retry-After
+    # Distinct client system prompts a route registers as templates; past it they share the route's one
+    # "overflow" row (counted, never selected), so a client cannot grow the table without bound.
+    max_prompts_per_route: int = Field(32, ge=1)
 
     @field_validator("api_keys")
     @classmethod

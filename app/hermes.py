@@ -60,6 +60,32 @@ def tools_prompt(functions: list[dict[str, Any]]) -> str:
     return TOOLS_PROMPT.format(tools=listed)
 
 
+# The one rule of where the tool list stands in a system prompt. A template's `{{tools}}` (prompts/store.py fills
+# it) stands for exactly `tools_section(functions)`, `functions` being what the request lets the model call
+# (`app.toolplan.plan_tools(tools, tool_choice).functions`); a local backend (backends/chat_format.py, llama.cpp
+# and hf, serving and training text alike) writes the list only into a system prompt that does not hold that
+# section already, and then last. So a template places the list where its `{{tools}}` stands, a template without
+# one (or one rendered without the request's tools, as the graph's prompt node renders it) gets it at the end,
+# and no prompt lists its tools twice.
+
+def tools_section(functions: list[dict[str, Any]]) -> str:
+    """What `{{tools}}` expands to: the tool section of `functions`, empty when there are none."""
+    return tools_prompt(functions) if functions else ""
+
+
+def holds_tools(system: str, functions: list[dict[str, Any]]) -> bool:
+    """Whether a system prompt already lists `functions` (its `{{tools}}` was filled with them)."""
+    return bool(functions) and tools_prompt(functions) in system
+
+
+def system_with_tools(system: str, functions: list[dict[str, Any]]) -> str:
+    """The system text a local model reads: `system` as it is when it holds the tool section or there are no
+    tools, else with the section appended (after a blank line)."""
+    if not functions or holds_tools(system, functions):
+        return system
+    return "\n\n".join(p for p in (system, tools_prompt(functions)) if p)
+
+
 def format_call(name: str, arguments: Any) -> str:
     """One call as the model writes it; `arguments` may be a JSON string (as OpenAI sends it) or data.
 

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
-from app import hermes
 from app.capture.records import request_payload
 from app.config import load_settings
 from app.detectors import detect
 from app.repair import repair
 from app.validation import parse_calls
-from prompts.evolve import EXAMPLES_VAR, TOOLS_VAR, Observation, evolve, example_of, quarter_findings
+from prompts.evolve import EXAMPLES_VAR, Observation, evolve, example_of, quarter_findings
 from prompts.examples import ExampleIndex, with_example_turns
+from prompts.store import fill_tools
 from training.evaluate import (EVAL_ROUTE, EvalOptions, EvalRouter, ModelRun, build_request, eval_settings,
                                item_row, run_items, score)
 from training.suites import EvalItem, load_suite
@@ -65,7 +65,7 @@ def rendered(template: dict[str, str], index: ExampleIndex | None, k: int) -> Pr
     `{{examples}}` with the k most similar valid calls as conversation turns (the item's own answer excluded)."""
 
     def prepare(item: EvalItem) -> tuple[dict[str, str], EvalItem]:
-        text = template["text"].replace(TOOLS_VAR, hermes.tools_prompt([t["function"] for t in item.tools or []]))
+        text = fill_tools(template["text"], item.tools, item.tool_choice)  # the one rule: app.hermes.system_with_tools
         if EXAMPLES_VAR in text:
             query = next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), "")
             shots = index.nearest(query, k, exclude=item.id) if index is not None else []

@@ -5,9 +5,12 @@
     text = render(chosen.text, {"examples": "User: ...\\nAnswer: ..."})
 
 **Variables** are written `{{name}}` (white space inside allowed: `{{ examples }}`), and only `examples` and
-`tools` exist. The syntax cannot clash with the literal JSON the templates hold: JSON never has two opening braces
-in a row (an object's first member is a quoted key, so `{` is followed by `"` or `}`), and `}}` alone, which
-nested JSON does end with, is not a variable. A `{{word}}` naming anything else is rejected when the template is
+`tools` exist. `{{tools}}` is never free text: it is filled from a request's tools (`render(..., tools=,
+tool_choice=)`, `fill_tools`) with exactly the tool section a local backend would otherwise append, and a backend
+appends none to a prompt that holds it: the one rule of both is `app.hermes.system_with_tools`.
+The syntax cannot clash with the literal JSON the templates hold: JSON never has two opening braces in a row (an
+object's first member is a quoted key, so `{` is followed by `"` or `}`), and `}}` alone, which nested JSON does
+end with, is not a variable. A `{{word}}` naming anything else is rejected when the template is
 added, naming it, so a typo never reaches a model as literal text. `tests/test_templates.py` checks every shipped
 template renders to itself.
 
@@ -17,16 +20,22 @@ content hash and returned instead). Outcome counts are moved by the capture stor
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, get_args
 
+from app import hermes
 from app.capture.records import Origin, TemplateRecord, template_hash
-from app.config import TemplatesConfig
+from app.config import ProxyConfig, TemplatesConfig
 from app.errors import UsageError
+from app.toolplan import plan_tools
 from prompts import select
 from prompts.base import base_templates
+
+log = logging.getLogger("slmswap.templates")
 
 VARIABLES = ("examples", "tools")
 _VARIABLE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
@@ -44,15 +53,21 @@ def variables(text: str) -> list[str]:
     return names
 
 
-def render(template_text: str, variables: Mapping[str, str] | None = None) -> str:
-    """The template with its variables filled; a known variable not given renders empty.
+def render(template_text: str, variables: Mapping[str, str] | None = None, *, tools: list[dict] | None = None,
+           tool_choice: Any = None) -> str:
+    """The template with its variables filled: `{{examples}}` from `variables`, `{{tools}}` from the request's
+    `tools` and `tool_choice` (`tools_section`); a variable not given renders empty.
 
     >>> render('Answer as JSON: {"a": {"b": 1}}. {{ examples }}', {"examples": "User: hi"})
     'Answer as JSON: {"a": {"b": 1}}. User: hi'
     """
     given = dict(variables or {})
+    if "tools" in given:
+        raise UsageError("{{tools}} is filled from the request's tools, not from text: pass render(..., tools=, "
+                         "tool_choice=)")
     if unknown := sorted(set(given) - set(VARIABLES)):
         raise UsageError(f"unknown template variable {unknown[0]!r}; the variables are {', '.join(VARIABLES)}")
+    given["tools"] = tools_section(tools, tool_choice)
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
@@ -62,6 +77,19 @@ def render(template_text: str, variables: Mapping[str, str] | None = None) -> st
         return given.get(name, "")
 
     return _VARIABLE.sub(fill, template_text)
+
+
+def tools_section(tools: list[dict] | None, tool_choice: Any = None) -> str:
+    """What `{{tools}}` stands for in a request with these OpenAI `tools` and `tool_choice`: the Hermes tool section
+    of the functions the request lets the model call (`app.hermes.tools_section`), empty without tools."""
+    return hermes.tools_section(plan_tools(tools, tool_choice).functions if tools else [])
+
+
+def fill_tools(template_text: str, tools: list[dict] | None, tool_choice: Any = None) -> str:
+    """The template with only `{{tools}}` filled (any white-space form; `{{examples}}` and JSON stay as written),
+    for a caller that fills `{{examples}}` its own way (`bench/context_engineering.py`)."""
+    section = tools_section(tools, tool_choice)
+    return _VARIABLE.sub(lambda m: section if m.group(1) == "tools" else m.group(0), template_text)
 
 
 def add_template(store: Any, route: str, text: str, *, parent: str | None = None, origin: str = "manual",
@@ -159,15 +187,27 @@ def _trials(templates: list[TemplateRecord], template_id: str) -> int:
 class ProxyPrompts:
     """The proxy's side of templates (`app.server.routes.Prompts`): a client owns its system prompt, so each new
     system prompt of a route becomes a template, found again by its fingerprint (the content hash of the normalised
-    text); the route's first one is its base. With `managed_prompt` the selected template replaces it."""
+    text); the route's first one is its base. With `managed_prompt` the selected template replaces it.
 
-    def __init__(self, store: Any, rng: random.Random | None = None):
-        self.store = store
+    A route registers at most `max_prompts` templates this way (`[proxy] max_prompts_per_route`); the system
+    prompts it sees past that count on the route's one overflow row (`<route>/overflow`: retired, so never
+    selected), logged once per route, and the fingerprints this process remembers are bounded too (`CACHE_SIZE`,
+    least recently used first out). Worker processes check the bound each on its own, so N workers may pass it by
+    at most N - 1 rows."""
+
+    CACHE_SIZE = 4096
+
+    def __init__(self, store: Any, rng: random.Random | None = None,
+                 max_prompts: int = ProxyConfig().max_prompts_per_route):
+        if max_prompts < 1:
+            raise UsageError(f"[proxy] max_prompts_per_route must be at least 1, not {max_prompts}")
+        self.store, self.max_prompts = store, max_prompts
         self.rng = rng or random.Random()
-        self._known: dict[tuple[str, str], str | None] = {}  # (route, fingerprint) -> template id
+        self._known: OrderedDict[tuple[str, str], str | None] = OrderedDict()  # (route, fingerprint) -> template id
+        self._full: set[str] = set()  # routes at the bound (rows are never deleted: a full route stays full)
 
-    def for_proxy(self, route: str, system: str | None, managed: bool,
-                  tools: list[dict] | None = None) -> tuple[str | None, str | None]:
+    def for_proxy(self, route: str, system: str | None, managed: bool, tools: list[dict] | None = None,
+                  tool_choice: Any = None) -> tuple[str | None, str | None]:
         """(the template id the call counts on, the system text to send instead, or None to keep the client's)."""
         own = self.fingerprint(route, system) if system and system.strip() else None
         if not managed:
@@ -175,7 +215,7 @@ class ProxyPrompts:
         chosen = sample(self.store, route, self.rng)
         if chosen is None:
             return own, None
-        return chosen.id, render(chosen.text, {"tools": tools_text(tools or [])})
+        return chosen.id, render(chosen.text, tools=tools, tool_choice=tool_choice)
 
     def known(self, route: str, system: str | None, managed: bool) -> tuple[str | None, str | None] | None:
         """`for_proxy`'s answer when no store access is needed (the request path's fast case), else None."""
@@ -184,30 +224,53 @@ class ProxyPrompts:
         if not system or not system.strip():
             return None, None
         key = (route, template_hash(system))
-        return (self._known[key], None) if key in self._known else None
+        try:  # each OrderedDict operation is atomic; a worker thread may evict the key between them
+            template_id = self._known[key]
+            self._known.move_to_end(key)
+        except KeyError:
+            return None
+        return template_id, None
 
     def fingerprint(self, route: str, system: str) -> str | None:
-        """The id of the template this system prompt is (added on first sight); None for a text holding an unknown
-        `{{variable}}`, which could never be rendered, so its calls go uncounted."""
+        """The id of the template this system prompt is (added on first sight, or the route's overflow row past
+        the bound); None for a text holding an unknown `{{variable}}`, which could never be rendered, so its calls
+        go uncounted."""
         key = (route, template_hash(system))
-        if key not in self._known:
-            found = self.store.template_by_hash(*key)
-            if found is None:
-                try:
-                    variables(system)
-                except UsageError:
-                    self._known[key] = None
-                    return None
-                origin = "manual" if self.store.list_templates(route) else "base"
-                found = add_template(self.store, route, system, origin=origin)
-            self._known[key] = found.id
-        return self._known[key]
+        if key in self._known:
+            self._known.move_to_end(key)
+            return self._known[key]
+        found = self.store.template_by_hash(*key)
+        template_id = found.id if found is not None else self._register(route, system)
+        self._known[key] = template_id
+        if len(self._known) > self.CACHE_SIZE:
+            self._known.popitem(last=False)
+        return template_id
+
+    def _register(self, route: str, system: str) -> str | None:
+        try:
+            variables(system)
+        except UsageError:
+            return None
+        if route not in self._full:
+            registered = [t for t in self.store.list_templates(route) if t.id != overflow_id(route)]
+            if len(registered) < self.max_prompts:
+                return add_template(self.store, route, system, origin="manual" if registered else "base").id
+            self._full.add(route)
+            log.warning("route %r holds %d templates, [proxy] max_prompts_per_route; calls with system prompts it has "
+                        "not seen now count on %s", route, len(registered), overflow_id(route))
+        return self._overflow(route).id
+
+    def _overflow(self, route: str) -> TemplateRecord:
+        found = self.store.get_template(overflow_id(route))
+        if found is not None:
+            return found
+        text = (f"(The system prompts route {route} saw past [proxy] max_prompts_per_route; their calls count on "
+                "this row, which is never sent to a model.)")
+        return self.store.add_template(TemplateRecord(
+            id=overflow_id(route), route=route, text=text, origin="manual", status="retired",
+            retired_reason="overflow: counts the calls of client system prompts past [proxy] max_prompts_per_route"))
 
 
-def tools_text(tools: list[dict]) -> str:
-    """What `{{tools}}` stands for: one line per tool, its name and description."""
-    lines = []
-    for tool in tools:
-        fn = tool.get("function") or {}
-        lines.append(f"- {fn.get('name', '?')}: {fn.get('description') or ''}".rstrip(": "))
-    return "\n".join(lines)
+def overflow_id(route: str) -> str:
+    """The id of the row a route's client system prompts past the bound count on."""
+    return f"{route}/overflow"

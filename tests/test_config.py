@@ -117,3 +117,10 @@ def test_store_url_variable_really_is_read(monkeypatch):
     # The name the warning suggests is the one pydantic-settings reads.
     monkeypatch.setenv("SLMSWAP_STORE__URL", "sqlite:///elsewhere.db")
     assert load_settings().store.url == "sqlite:///elsewhere.db"
+
+
+def test_proxy_max_prompts_per_route_defaults_to_32_and_must_be_positive():
+    assert load_settings().proxy.max_prompts_per_route == 32
+    Path("slmswap.toml").write_text("[proxy]\nmax_prompts_per_route = 0\n")
+    with pytest.raises(ConfigError, match=r"slmswap.toml:2: proxy.max_prompts_per_route: .*greater than or equal to 1"):
+        load_settings()

@@ -10,6 +10,7 @@ import pytest
 from app.capture.records import template_hash
 from app.capture.store import CaptureStore
 from app.config import TemplatesConfig
+from app.errors import UsageError
 from prompts import select
 from prompts import store as ts
 from prompts.select import Arm
@@ -140,23 +141,23 @@ def test_a_graph_run_counts_every_captured_call_on_its_template(tmp_path, script
 
 @pytest.fixture
 def proxy_with(scripted):
-    """Start a proxy (real uvicorn) on a config with route `support`; returns (url, services)."""
+    """Start the proxy `slmswap serve` runs (its composition root, `app.server.app_factory`, under real uvicorn) on
+    a config with route `support`; returns (url, services)."""
     from contextlib import ExitStack
     from pathlib import Path
 
-    from app.config import load_settings
-    from app.server.routes import create_app
-    from app.services import Services
+    from app.server import app_factory
     from tests.support.http import serve
 
     stack = ExitStack()
 
-    def start(managed: bool = False):
-        Path("slmswap.toml").write_text(f'[routes.support]\nteacher = "scripted:teacher"\n'
-                                        f'managed_prompt = {str(managed).lower()}\n')
-        services = Services.from_settings(load_settings())
-        url = stack.enter_context(serve(create_app(services.settings, services, ts.ProxyPrompts(services.store))))
-        return url, services
+    def start(managed: bool = False, extra: str = ""):
+        Path("slmswap.toml").write_text(f'default_binding = "scripted:teacher"\n\n[routes.support]\n'
+                                        f'teacher = "scripted:teacher"\nmanaged_prompt = {str(managed).lower()}\n'
+                                        + extra)
+        app = app_factory()
+        url = stack.enter_context(serve(app))
+        return url, app.state.proxy.services
 
     yield start
     stack.close()
@@ -166,9 +167,9 @@ TOOLS = [{"type": "function", "function": {"name": "run_sql", "description": "Ru
     "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
 
 
-def ask(client, system, **kw):
+def ask(client, system, model="support", **kw):
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hi"}]
-    return client.chat.completions.with_raw_response.create(model="support", messages=messages, **kw)
+    return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
 
 
 def test_proxy_calls_count_per_system_prompt_fingerprint(proxy_with, scripted):
@@ -177,17 +178,23 @@ def test_proxy_calls_count_per_system_prompt_fingerprint(proxy_with, scripted):
 
     url, services = proxy_with(managed=False)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    scripted("teacher").enqueue("hello", "text where a tool call was required", "hello again", "fine")
-    ask(client, "You are a support bot.")
-    ask(client, "You are a support bot.", tools=TOOLS, tool_choice="required")  # invalid: a failure
-    ask(client, "  You are a   support bot.\n")  # the same prompt, white space aside: the same fingerprint
+    scripted("teacher").enqueue("hello", "text where a tool call was required", "hello again", "fine", "no prompt")
+    raws = [ask(client, "You are a support bot."),
+            ask(client, "You are a support bot.", tools=TOOLS, tool_choice="required"),  # invalid: a failure
+            ask(client, "  You are a   support bot.\n")]  # the same prompt, white space aside: the same fingerprint
     other = ask(client, "You are a different bot.")
+    services.store.flush()  # a proxy call is durable (journaled) when answered; its counts move at the commit
     [first, second] = store_rows = services.store.list_templates("support")
     assert (first.origin, first.text, second.origin) == ("base", "You are a support bot.", "manual")
     assert counts(services.store, first.id) == (2, 1) and counts(services.store, second.id) == (1, 0)
     call = services.store.get_call(other.headers["x-slmswap-call-id"])
     assert call.template_id == second.id and call.request["messages"][0]["content"] == "You are a different bot."
     assert len(store_rows) == 2
+    # Every response names the template its call counted on; a call without a system prompt counts on none.
+    assert [r.headers["x-slmswap-template"] for r in raws] == [first.id] * 3
+    assert other.headers["x-slmswap-template"] == second.id
+    bare = ask(client, None)
+    assert "x-slmswap-template" not in bare.headers and bare.headers["x-slmswap-call-id"]
 
     # Negative feedback on a counted success moves it to a failure, once.
     for _ in range(2):
@@ -198,22 +205,30 @@ def test_proxy_calls_count_per_system_prompt_fingerprint(proxy_with, scripted):
 def test_managed_prompt_replaces_the_clients_system_prompt_with_the_selected_template(proxy_with, scripted):
     import openai
 
+    from app import hermes
+
     url, services = proxy_with(managed=True)
-    chosen = ts.add_template(services.store, "support", "Be brief. Tools:\n{{tools}}", origin="manual")
+    chosen = ts.add_template(services.store, "support", "Be brief.\n\n{{tools}}\n\nOne call only.", origin="manual")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     scripted("teacher").default = "ok"
     raw = ask(client, None, tools=TOOLS)  # no system prompt of its own: the template is put first
     sent = scripted("teacher").requests[-1].messages
-    assert (sent[0].role, sent[0].content) == ("system", "Be brief. Tools:\n- run_sql: Run one SELECT.")
+    # {{tools}} is the tool section the local backends would otherwise append (app.hermes.system_with_tools)
+    section = hermes.tools_prompt([TOOLS[0]["function"]])
+    assert (sent[0].role, sent[0].content) == ("system", f"Be brief.\n\n{section}\n\nOne call only.")
+    services.store.flush()
     assert services.store.get_call(raw.headers["x-slmswap-call-id"]).template_id == chosen.id
+    assert raw.headers["x-slmswap-template"] == chosen.id
     assert counts(services.store, chosen.id) == (1, 0)
 
-    ask(client, "The client's own prompt.")  # registered (a candidate), and replaced by the sampled template
+    mine = ask(client, "The client's own prompt.")  # registered (a candidate), and replaced by the sampled template
     own = services.store.template_by_hash("support", template_hash("The client's own prompt."))
     sent = scripted("teacher").requests[-1].messages
     assert own is not None and [m.role for m in sent] == ["system", "user"]
+    services.store.flush()
     used = services.store.list_calls(agent="support", limit=1)[0].template_id
-    assert sent[0].content == ts.render(services.store.get_template(used).text, {"tools": ""})
+    assert sent[0].content == ts.render(services.store.get_template(used).text)  # no tools: {{tools}} is empty
+    assert mine.headers["x-slmswap-template"] == used
     assert sum(t.trials for t in services.store.list_templates("support")) == 2
 
 
@@ -223,8 +238,72 @@ def test_a_streamed_proxy_call_counts_too(proxy_with, scripted):
     url, services = proxy_with(managed=False)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     scripted("teacher").default = "streamed answer"
-    stream = client.chat.completions.create(model="support", stream=True, messages=[
+    raw = client.chat.completions.with_raw_response.create(model="support", stream=True, messages=[
         {"role": "system", "content": "Stream politely."}, {"role": "user", "content": "hi"}])
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == "streamed answer"
+    assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices).strip() == "streamed answer"
+    services.store.flush()
     [row] = services.store.list_templates("support")
     assert (row.text, counts(services.store, row.id)) == ("Stream politely.", (1, 0))
+    assert raw.headers["x-slmswap-template"] == row.id
+
+
+def test_the_template_header_of_a_route_name_a_client_wrote_is_percent_encoded(proxy_with, scripted):
+    from urllib.parse import unquote
+
+    import openai
+
+    url, services = proxy_with(extra="\n[proxy]\nopen_routes = true\n")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    raw = ask(client, "Réponds en français.", model="поддержка")  # a route made on first use, named by the client
+    stored = services.store.get_call(raw.headers["x-slmswap-call-id"]).template_id
+    assert stored.startswith("поддержка/") and raw.headers["x-slmswap-template"].isascii()
+    assert unquote(raw.headers["x-slmswap-template"]) == stored
+
+
+def test_client_system_prompts_past_the_bound_share_the_routes_overflow_row(proxy_with, scripted):
+    import openai
+
+    url, services = proxy_with(managed=True, extra="\n[proxy]\nmax_prompts_per_route = 2\n")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    scripted("teacher").default = "ok"
+    for i in range(5):
+        ask(client, f"Client prompt number {i}.")
+    services.store.flush()
+    rows = {t.id: t for t in services.store.list_templates("support")}
+    assert len(rows) == 3 and rows[ts.overflow_id("support")].status == "retired"  # 2 prompts + the overflow row
+    assert sorted(t.text for t in rows.values() if t.live) == ["Client prompt number 0.", "Client prompt number 1."]
+    # Managed: the template sent is a live one, never the overflow row (its text is for no model).
+    sent = [r.messages[0].content for r in scripted("teacher").requests]
+    assert set(sent) <= {"Client prompt number 0.", "Client prompt number 1."}
+    assert sum(t.trials for t in rows.values()) == 5
+    # Unmanaged, the calls of prompts past the bound count on the overflow row, and their headers say so.
+    url, services = proxy_with(managed=False, extra="\n[proxy]\nmax_prompts_per_route = 2\n")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    heads = [ask(client, f"Another client's prompt {i}.").headers["x-slmswap-template"] for i in range(3)]
+    services.store.flush()
+    assert heads == [ts.overflow_id("support")] * 3  # the route (shared store) is full already
+    assert counts(services.store, ts.overflow_id("support")) == (3, 0)
+    assert len(services.store.list_templates("support")) == 3
+
+
+def test_proxy_prompts_bound_the_table_and_the_memory(store, caplog):
+    import logging
+
+    prompts = ts.ProxyPrompts(store, random.Random(0), max_prompts=3)
+    prompts.CACHE_SIZE = 4
+    with caplog.at_level(logging.WARNING, logger="slmswap.templates"):
+        ids = [prompts.fingerprint("support", f"Prompt {i}.") for i in range(40)]
+    kept = [t for t in store.list_templates("support") if t.id != ts.overflow_id("support")]
+    assert [t.text for t in kept] == ["Prompt 0.", "Prompt 1.", "Prompt 2."]
+    assert ids[:3] == [t.id for t in kept] and set(ids[3:]) == {ts.overflow_id("support")}
+    assert len(store.list_templates("support")) == 4 and len(prompts._known) == 4
+    warned = [r for r in caplog.records if "max_prompts_per_route" in r.getMessage()]
+    assert len(warned) == 1 and "'support'" in warned[0].getMessage()
+    assert prompts.fingerprint("support", "Prompt 1.") == kept[1].id  # evicted from memory, found in the store
+    assert prompts.fingerprint("other", "Prompt 0.") != ts.overflow_id("other")  # the bound is per route
+    # Another worker on the same store sees the route full, and an unknown {{variable}} still counts nowhere.
+    again = ts.ProxyPrompts(store, max_prompts=3)
+    assert again.fingerprint("support", "A new one.") == ts.overflow_id("support")
+    assert again.fingerprint("support", "Use {{shots}}.") is None
+    with pytest.raises(UsageError, match="at least 1"):
+        ts.ProxyPrompts(store, max_prompts=0)

@@ -8,12 +8,20 @@ import re
 
 import pytest
 
+from app import hermes
+from app.backends.chat_format import prompt_format_for
 from app.capture.records import template_hash
 from app.capture.store import CaptureStore
 from app.errors import UsageError
 from prompts import store as ts
 from prompts.base import base_templates
 from tests.support.cli import slmswap
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+           {"type": "function", "function": {"name": "get_time", "description": "Time in a city.", "parameters": {
+               "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
 @pytest.fixture
@@ -64,21 +72,76 @@ def test_bad_creations_say_what_to_do(store):
 
 def test_render_fills_variables_and_leaves_json_braces_alone():
     text = 'Reply {"a": {"b": [{"c": 1}]}} then {{examples}}; tools: {{ tools }}.'
-    assert ts.render(text, {"examples": "E", "tools": "T"}) == 'Reply {"a": {"b": [{"c": 1}]}} then E; tools: T.'
+    section = hermes.tools_prompt([t["function"] for t in WEATHER])
+    assert ts.render(text, {"examples": "E"}, tools=WEATHER) == f'Reply {{"a": {{"b": [{{"c": 1}}]}}}} then E; tools: {section}.'
     assert ts.render(text) == 'Reply {"a": {"b": [{"c": 1}]}} then ; tools: .'
     with pytest.raises(UsageError, match="shots"):
         ts.render(text, {"shots": "x"})
+    with pytest.raises(UsageError, match=r"request's tools.*tools="):  # {{tools}} is never free text
+        ts.render(text, {"tools": "- get_weather"})
 
 
 @pytest.mark.parametrize("agent", sorted(base_templates()))
 def test_every_shipped_template_holds_no_variable_and_renders_to_itself(agent):
     text = base_templates()[agent].text
     assert ts.variables(text) == []
-    assert ts.render(text, {"examples": "EXAMPLES", "tools": "TOOLS"}) == text
+    assert ts.render(text, {"examples": "EXAMPLES"}, tools=WEATHER) == text
     # Every JSON object the template shows survives rendering intact (the braces are not a variable syntax).
     for blob in re.findall(r"\{\"[^\n]*\}", text):
         json.loads(blob)
         assert blob in ts.render(text, {"examples": "E"})
+
+
+# ---- {{tools}}: one rule for the template store, the bench and the local backends (app.hermes.system_with_tools)
+
+
+def served_prompt(alias: str, system: str, tools: list[dict] | None, tool_choice=None) -> str:
+    """The prompt a local backend renders for a request with this system prompt (llamacpp.py and hf.py call
+    `PromptFormat.render(req.messages, request_plan(req).functions)`; the format is the GGUF's own)."""
+    from app.toolplan import request_plan
+    from app.wire import ChatRequest
+
+    req = ChatRequest(model="r", messages=[{"role": "system", "content": system}, {"role": "user", "content": "Oslo?"}],
+                      tools=tools, tool_choice=tool_choice)
+    return prompt_format_for(alias).render(req.messages, request_plan(req).functions)
+
+
+def listings(prompt: str) -> int:
+    """How many tool sections a prompt holds (Qwen's template and the hand-written one both close theirs so)."""
+    return prompt.count("</tools>\n")
+
+
+@pytest.mark.parametrize("alias", ["smollm2-135m", "qwen2.5-coder-0.5b"])  # hand-written ChatML; the GGUF's jinja
+def test_the_tools_variable_places_the_list_once_where_it_stands(alias):
+    template = "You answer with tools.\n\n{{ tools }}\n\n## Rules\n- Output only the call."
+    prompt = served_prompt(alias, ts.render(template, tools=WEATHER), WEATHER)
+    assert listings(prompt) == 1 and prompt.count('"name": "get_time"') == 1
+    assert prompt.index("</tools>") < prompt.index("## Rules")  # the rules still come after the list
+
+    # A template without {{tools}}, or one rendered without the request's tools (the graph's prompt node does not
+    # know them): the backend lists them once, after the whole system text.
+    for system in ("You answer with tools.\n\n## Rules\n- Output only the call.", ts.render(template)):
+        prompt = served_prompt(alias, system, WEATHER)
+        assert listings(prompt) == 1 and prompt.index("## Rules") < prompt.index("</tools>")
+
+
+def test_the_tools_variable_lists_what_tool_choice_lets_the_model_call():
+    named = {"type": "function", "function": {"name": "get_time"}}
+    text = ts.render("Rules.\n{{tools}}", tools=WEATHER, tool_choice=named)
+    assert text == "Rules.\n" + hermes.tools_prompt([WEATHER[1]["function"]])  # only the named function
+    prompt = served_prompt("smollm2-135m", text, WEATHER, named)
+    assert listings(prompt) == 1 and "get_weather" not in prompt  # the backend's list is that one too
+    assert ts.render("Rules.\n{{tools}}", tools=WEATHER, tool_choice="none") == "Rules.\n"
+    assert listings(served_prompt("smollm2-135m", "Rules.", WEATHER, "none")) == 0
+    assert ts.render("Rules.\n{{tools}}", tools=None) == "Rules.\n"
+
+
+def test_fill_tools_fills_only_the_tools_variable():
+    # What the bench calls before it fills {{examples}} its own way.
+    text = 'Use {"a": {"b": 1}}.\n{{ tools }}\n{{examples}}'
+    section = hermes.tools_section([t["function"] for t in WEATHER])
+    assert ts.fill_tools(text, WEATHER) == f'Use {{"a": {{"b": 1}}}}.\n{section}\n{{{{examples}}}}'
+    assert ts.render(ts.fill_tools(text, WEATHER), {"examples": "E"}) == ts.render(text, {"examples": "E"}, tools=WEATHER)
 
 
 def test_json_can_never_hold_the_variable_opener():

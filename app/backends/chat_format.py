@@ -51,10 +51,7 @@ def render_prompt(messages: list[Message], functions: list[dict[str, Any]], fami
 def to_turns(messages: list[Message], functions: list[dict[str, Any]]) -> list[Turn]:
     """OpenAI messages as plain turns: one system turn first (with the tool prompt), calls and results as text."""
     system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
-    # A template that places the tool list itself (its `{{tools}}` variable, filled with this same text) keeps it
-    # where it put it, so rules can follow the list; otherwise the list closes the system turn.
-    if functions and hermes.tools_prompt(functions) not in system:
-        system = "\n\n".join(p for p in (system, hermes.tools_prompt(functions)) if p)
+    system = hermes.system_with_tools(system, functions)  # the one rule of where the tool list goes
     turns = [Turn("system", system)] if system else []
     for msg in messages:
         if msg.role == "tool":
@@ -136,7 +133,10 @@ class PromptFormat:
     def _jinja(self, messages: list[Message], functions: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if not self._compiled:
             self._compiled.append(_compile(self.template or ""))
-        tools = [{"type": "function", "function": f} for f in functions] or None
+        # The template writes the tool list only where the system prompt does not hold it (hermes.system_with_tools).
+        system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
+        listed = functions and not hermes.holds_tools(system, functions)
+        tools = [{"type": "function", "function": f} for f in functions] if listed else None
         return self._compiled[0].render(
             messages=_template_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token, eos_token=self.eos_token, raise_exception=_raise, strftime_now=_strftime_now)

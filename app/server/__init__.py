@@ -21,7 +21,9 @@ def app_factory():
     install_log_redaction()
     settings = load_settings()
     services = Services.from_settings(settings)
-    return create_app(settings, services, ProxyPrompts(services.store) if services.store is not None else None,
+    prompts = (ProxyPrompts(services.store, max_prompts=settings.proxy.max_prompts_per_route)
+               if services.store is not None else None)
+    return create_app(settings, services, prompts,
                       periodic=scheduled_jobs(settings, services.store))
 
 

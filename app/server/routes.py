@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,13 +40,14 @@ from app.wire import CallInfo, ChatChunk, ChatRequest, Message
 log = logging.getLogger("slmswap.server")
 SESSION_HEADER = "x-slmswap-session"
 CAPTURE_HEADER = "x-slmswap-capture"
+_HEADER_SAFE = "".join(chr(c) for c in range(33, 127) if chr(c) != "%")  # printable ASCII stays as it is
 
 
 class Prompts(Protocol):
     """Templates for proxy calls (prompts/store.py's ProxyPrompts, given by the composition root)."""
 
-    def for_proxy(self, route: str, system: str | None, managed: bool,
-                  tools: list[dict] | None = None) -> tuple[str | None, str | None]:
+    def for_proxy(self, route: str, system: str | None, managed: bool, tools: list[dict] | None = None,
+                  tool_choice: Any = None) -> tuple[str | None, str | None]:
         """(the template id the call counts on, the system text to send instead of the client's, or None)."""
         ...
 
@@ -124,7 +126,8 @@ class Proxy:
         system_text = system.text() if system else None
         answer = self.prompts.known(ctx.route, system_text, managed)
         if answer is None:  # a new prompt (stored on first sight) or a managed route (sampled from the store)
-            answer = await asyncio.to_thread(self.prompts.for_proxy, ctx.route, system_text, managed, req.tool_dicts())
+            answer = await asyncio.to_thread(self.prompts.for_proxy, ctx.route, system_text, managed,
+                                             req.tool_dicts(), req.tool_choice)
         template_id, text = answer
         if text is not None:
             rest = [m for m in req.messages if m is not system]
@@ -231,10 +234,13 @@ async def _prepend(first: ChatChunk, rest):
 
 
 def who(info: CallInfo | None) -> dict[str, str]:
-    """The headers that name who answered a call."""
+    """The headers that name who answered a call, and the template it counted on (when it used one)."""
     if info is None:
         return {}
-    return {"x-slmswap-call-id": info.call_id, "x-slmswap-binding": info.binding, "x-slmswap-role": info.role}
+    headers = {"x-slmswap-call-id": info.call_id, "x-slmswap-binding": info.binding, "x-slmswap-role": info.role}
+    if info.template_id:  # an id holds the route name, which a client may write: non-ASCII is percent-encoded
+        headers["x-slmswap-template"] = quote(info.template_id, safe=_HEADER_SAFE)
+    return headers
 
 
 def create_app(settings: Settings, services: Services | None = None, prompts: Prompts | None = None,
