@@ -68,6 +68,8 @@ class Degraded:
 
 def degrade(req: ChatRequest, caps: Capabilities) -> Degraded:
     """The request an upstream with `caps` can take; the request itself when it lacks nothing it needs."""
+    if not req.tools and req.response_format is None:
+        return Degraded(req)  # plain text: nothing an upstream could lack (and this runs on every call)
     plan = request_plan(req)
     steps = [s for s in (_tool_step(plan, caps), _format_step(req.response_format, caps)) if s is not None]
     single = plan.mode != "none" and not plan.parallel and caps.parallel_tool_calls is not True

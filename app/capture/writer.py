@@ -194,9 +194,10 @@ class GroupCommitWriter:
                 self._journal.close()
 
     def _submit(self, row: Row | None, future: asyncio.Future | None = None, journal: Journal | None = None) -> _Ticket:
-        # Serialize here, on the caller's thread: bad data fails its own caller, never the batch it would join.
+        # Serialize here, on the caller's thread: bad data fails its own caller, never the batch it would join. A
+        # journaled row was serialized by its journal line already; its parameters are made by the writer thread.
         try:
-            params = None if row is None else self._insert.params(row)
+            params = None if row is None or journal is not None else self._insert.params(row)
         except Exception as exc:
             raise StoreError(self._describe(row, exc)) from exc
         if os.getpid() != self._pid:  # forked: the writer thread did not come along, nobody would commit this
@@ -274,6 +275,13 @@ class GroupCommitWriter:
         return [*batch, *lazy]
 
     def _commit(self, tickets: list[_Ticket]) -> None:
+        for ticket in tickets:
+            if ticket.params is None:  # journaled: its parameters are made here, off the request path
+                try:
+                    ticket.params = self._insert.params(ticket.row)
+                except Exception as exc:  # noqa: BLE001 - it stays in the journal, and the log says why
+                    ticket.error = StoreError(self._describe(ticket.row, exc))
+        tickets = [t for t in tickets if t.error is None]
         if not tickets:
             return
         try:

@@ -27,4 +27,6 @@ class CallContext:
         return self.agent or self.route
 
     def but(self, **changes) -> CallContext:
+        if all(getattr(self, k) == v for k, v in changes.items()):
+            return self  # frozen: the same context serves (replace() is a measurable share of a proxy call)
         return replace(self, **changes)
