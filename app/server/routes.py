@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 from urllib.parse import quote
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -178,7 +179,8 @@ class Proxy:
         headers = who(resp.slmswap)
         if resp.choices[0].confidence is not None:
             headers["x-slmswap-confidence"] = f"{resp.choices[0].confidence:.4f}"
-        return JSONResponse(response_json(resp, req.model), headers=headers)
+        # orjson: a third of json.dumps' time, and a non-finite number (a -inf logprob) becomes null, not a 500
+        return Response(orjson.dumps(response_json(resp, req.model)), media_type="application/json", headers=headers)
 
     async def stream(self, req: ChatRequest, body: dict[str, Any], ctx: CallContext, started: float) -> Response:
         """SSE in OpenAI's shape. Errors before the first chunk are a normal error response; after it, an error
