@@ -10,7 +10,7 @@ the adapter disabled, trl's default for a peft model). On CUDA with Unsloth inst
 The run folder (H3's export and the loop read exactly this layout):
 
     RUN/run.json            {"base": binding, "base_gguf": path or null, "preset": name, "config": {...},
-                             "dataset": DIR, "data_hash": sha256 of the split files, "status": training|done,
+                             "dataset": DIR, "data_hash": sha256 of the split files, "status": training|dpo|done,
                              "metrics": {"loss_first", "loss_last", "steps", "tokens_per_s", "train_tokens",
                                          "examples", "dropped_too_long", "runtime_s", "val_loss"?, "dpo"?},
                              "adapter": "adapter" (null until training is done)}
@@ -503,7 +503,8 @@ def _dpo(engine: _Engine, pairs: LoadedDataset, base: Base, config: dict[str, An
         output_dir=str(options.out / DPO_CHECKPOINTS_DIR), max_steps=options.dpo_max_steps or -1,
         num_train_epochs=1, learning_rate=config["learning_rate"] / 4, beta=options.dpo_beta,
         per_device_train_batch_size=min(config["batch_size"], 2), logging_steps=1, save_strategy="steps",
-        save_steps=options.save_steps, save_total_limit=2, seed=options.seed, data_seed=options.seed, report_to="none", disable_tqdm=True, max_length=config["max_length"],
+        save_steps=options.save_steps, save_total_limit=2, seed=options.seed, data_seed=options.seed,
+        report_to="none", disable_tqdm=True, max_length=config["max_length"],
         use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0,
         gradient_checkpointing=engine.device == "cuda")
     callback = _progress_callback("dpo", progress)
