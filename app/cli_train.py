@@ -44,7 +44,7 @@ def train_command(
 
     Example: slmswap train --dataset bfcl-train/ --base gguf:smollm2-135m --preset subagent --out runs/r1 --max-steps 200
     """
-    from training.train import TrainOptions, last_checkpoint, train
+    from training.train import DPO_CHECKPOINTS_DIR, TrainOptions, last_checkpoint, train
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"{device!r}; use auto, cpu or cuda", param_hint="--device")
@@ -55,7 +55,7 @@ def train_command(
         with _Bar() as bar:
             result = train(options, progress=bar.update)
     except KeyboardInterrupt:
-        checkpoint = last_checkpoint(run_dir)
+        checkpoint = last_checkpoint(run_dir, DPO_CHECKPOINTS_DIR) or last_checkpoint(run_dir)
         where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
         err.print(Text(f"interrupted: {where}; continue with the same command and --resume"), highlight=False)
         raise typer.Exit(130) from None

@@ -121,11 +121,42 @@ def test_merged_keeps_the_bases_tensor_types_and_moves_logits_the_same_way(probe
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(merged).tensors}
     assert types == {t.name: t.tensor_type for t in gguf.GGUFReader(probe[1]).tensors}
     corr, top1 = agreement(probe, merged, lora=False)
-    # Re-quantising to the base's Q4_1 adds rounding noise of the size of these deltas, so the merged file tracks
-    # peft less closely than the adapter does (measured 0.82 to 0.93 across runs here, top-1 0.90 to 0.94): the
-    # bar is what Q4_1 allows, not the adapter's 0.95 (the issue's bar, not met by --merged on a 4-bit base); serve
-    # the adapter for exactness. Still far above what a wrong merge gives (the unpermuted adapter: 0.50).
+    # Not the issue's 0.95 / 90%, and no export can honestly reach it on a Q4_1 base. Ruled out: the tensors the
+    # adapter does not touch are copied byte for byte, and re-quantising a weight whose delta is 0 gives back the
+    # base's own blocks (the test below). Left: the rounding of W + delta onto Q4_1's grid keeps a delta only where
+    # it is a good part of a grid step (bench/merged_rounding.py, share kept = <Q(W+d) - W, d> / |d|^2, on blk.0
+    # attn_q/attn_v and blk.15 ffn_up/ffn_down, steps 0.013-0.072): this probe's q/k delta (B std 0.3) keeps 96%,
+    # its v/o/ffn deltas (B std 0.05) 8%, 19%, 98% by tensor, which holds the logit correlation at 0.82-0.93 across
+    # runs (top-1 0.90-0.94). B std 1.0 keeps 100% but is no LoRA anyone trains: a trained one (6 steps, subagent,
+    # lr 2e-4) has deltas ~1/120 to 1/800 of a step, and re-quantising keeps 2-6% of them, so a merged Q4_1 of a
+    # real fine-tune is nearly the base: serve the adapter, which is exact. The bar is what this probe allows; a
+    # wrong merge (the unpermuted q/k) gives 0.50.
     assert corr >= 0.75 and top1 >= 0.80, (corr, top1)
+
+
+@pytest.mark.slow
+def test_merging_a_zero_adapter_gives_back_the_bases_tensors_byte_for_byte(tmp_path):
+    """Re-quantising the dequantised base (delta 0) reproduces every Q4_1 block, and the untouched tensors are
+    copied: so what the merged file loses is only the rounding of W + delta, never the base itself."""
+    gguf = require("gguf")
+    require("llama_cpp")
+    from app.local_models import resolve_model
+    from training import export
+
+    path = resolve_model("smollm2-135m")
+    base = export.read_base(path)
+    tensors = gguf.GGUFReader(path).tensors
+    zero = [export.LoraTensor(t.name, np.zeros((1, int(t.shape[0])), np.float32),
+                              np.zeros((int(t.shape[1]), 1), np.float32), 1.0)
+            for t in tensors if t.name.rsplit(".", 2)[-2] in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                             "ffn_gate", "ffn_up", "ffn_down")]
+    assert len(zero) == 30 * 7
+    export.write_merged_gguf(zero, base, tmp_path / "merged.gguf")
+    merged = {t.name: t for t in gguf.GGUFReader(tmp_path / "merged.gguf").tensors}
+    assert set(merged) == {t.name for t in tensors}
+    differ = [t.name for t in tensors if merged[t.name].tensor_type != t.tensor_type
+              or np.asarray(merged[t.name].data).tobytes() != np.asarray(t.data).tobytes()]
+    assert differ == []
 
 
 def test_a_run_without_an_adapter_exits_2(tmp_path, capsys):

@@ -259,3 +259,68 @@ def test_an_interrupted_run_resumes_from_its_last_complete_checkpoint(tmp_path, 
     assert result.metrics["steps"] == 4 and result.metrics["steps_this_session"] == 2
     assert result.metrics["loss_first"] is not None and result.metrics["loss_last"] < result.metrics["loss_first"]
     assert all(n > 0 for n in lora_b_norms(result.adapter_dir).values())
+
+
+def cli_train(capsys, tmp_path: Path, run: Path, *extra: str) -> tuple[int, str, str]:
+    """`slmswap train` with SFT then DPO on the tiny dataset and pairs of `tmp_path` (the values of `options`)."""
+    return slmswap(capsys, "train", "--dataset", str(tmp_path / "ds"), "--base", "gguf:smollm2-135m", "--preset",
+                   "subagent", "--out", str(run), "--dpo", str(tmp_path / "pairs"), "--max-steps", "2",
+                   "--dpo-max-steps", "3", "--lr", "1e-3", "--save-steps", "1", "--max-length", "512",
+                   "--batch-size", "2", *extra)
+
+
+@pytest.mark.slow
+def test_the_cli_trains_and_an_interrupted_dpo_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, capsys):
+    require("trl")
+    require("peft")
+    from safetensors.torch import load_file
+
+    from training.train import DPO_CHECKPOINTS_DIR, last_checkpoint, train
+
+    write_openai(tmp_path / "ds", openai_rows())
+    write_pairs(tmp_path / "pairs")
+    # One uninterrupted run through the CLI: the reference, and the CLI's success path.
+    whole = tmp_path / "whole"
+    code, out, err = cli_train(capsys, tmp_path, whole)
+    assert code == 0, err
+    ref = json.loads((whole / "run.json").read_text())
+    assert (ref["status"], ref["adapter"], ref["base"], ref["preset"]) == ("done", "adapter", "gguf:smollm2-135m",
+                                                                           "subagent")
+    assert ref["config"]["dpo"] == str(tmp_path / "pairs") and len(ref["data_hash"]) == 64
+    assert (ref["metrics"]["steps"], ref["metrics"]["dpo"]["steps"]) == (2, 3)
+    assert (whole / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (whole / "adapter" / "ref").exists()
+    # stdout is the summary table; the progress bar (loss, tok/s) goes to stderr and nowhere else.
+    assert "loss_last" in out and "dpo loss_last" in out
+    assert "tok/s" in err and "tok/s" not in out
+    assert not __import__("re").search(r"^(sft|dpo) ━", out, __import__("re").M)
+
+    # The same run stopped inside DPO, at step 2, after DPO's checkpoint-1 was saved (as Ctrl-C would).
+    cut = tmp_path / "cut"
+
+    def stop_in_dpo(event):
+        if event.phase == "dpo" and event.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(tmp_path, out=cut, max_steps=2, dpo=tmp_path / "pairs", dpo_max_steps=3), progress=stop_in_dpo)
+    stopped = json.loads((cut / "run.json").read_text())
+    assert (stopped["status"], stopped["adapter"], stopped["metrics"]["steps"]) == ("dpo", None, 2)
+    assert last_checkpoint(cut, DPO_CHECKPOINTS_DIR) == cut / DPO_CHECKPOINTS_DIR / "checkpoint-1"
+    assert (cut / "sft-adapter" / "adapter_model.safetensors").is_file()
+
+    code, out, err = cli_train(capsys, tmp_path, cut, "--resume")
+    assert code == 0, err
+    resumed = json.loads((cut / "run.json").read_text())
+    assert (resumed["status"], resumed["adapter"]) == ("done", "adapter")
+    metrics = resumed["metrics"]
+    # SFT is not run again (its metrics are the first session's, to the millisecond); DPO runs only steps 2 and 3.
+    assert {k: v for k, v in metrics.items() if k != "dpo"} == stopped["metrics"]
+    assert (metrics["dpo"]["steps"], metrics["dpo"]["steps_this_session"]) == (3, 2)
+    # ... and ends where the uninterrupted run ended: same optimizer, schedule, data order and reference adapter
+    # (a reference taken from the partly trained adapter, or DPO restarted from scratch, changes these).
+    assert metrics["dpo"]["loss_first"] == pytest.approx(ref["metrics"]["dpo"]["loss_first"], rel=1e-4)
+    assert metrics["dpo"]["loss_last"] == pytest.approx(ref["metrics"]["dpo"]["loss_last"], rel=1e-3, abs=1e-5)
+    got, want = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (cut, whole))
+    assert set(got) == set(want)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5

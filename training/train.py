@@ -10,7 +10,7 @@ the adapter disabled, trl's default for a peft model). On CUDA with Unsloth inst
 The run folder (H3's export and the loop read exactly this layout):
 
     RUN/run.json            {"base": binding, "base_gguf": path or null, "preset": name, "config": {...},
-                             "dataset": DIR, "data_hash": sha256 of the split files, "status": training|done,
+                             "dataset": DIR, "data_hash": sha256 of the split files, "status": training|dpo|done,
                              "metrics": {"loss_first", "loss_last", "steps", "tokens_per_s", "train_tokens",
                                          "examples", "dropped_too_long", "runtime_s", "val_loss"?, "dpo"?},
                              "adapter": "adapter" (null until training is done)}
@@ -18,6 +18,10 @@ The run folder (H3's export and the loop read exactly this layout):
     RUN/checkpoints/checkpoint-N/   trainer checkpoints (the newest few). A checkpoint counts once its
                              trainer_state.json is written (the trainer writes it last), so a run killed while
                              saving leaves the previous one usable, and `resume=True` continues from it.
+    RUN/sft-adapter/        with `dpo`: the adapter SFT ended with; run.json then says status "dpo" and holds
+                             SFT's metrics, so a resumed run skips SFT and starts DPO from this adapter
+    RUN/checkpoints-dpo/checkpoint-N/   DPO's checkpoints (the "default" adapter and trl's "ref" copy of the SFT
+                             adapter, optimizer, scheduler, RNG); a resumed DPO continues from the newest complete one.
 
 Example:
     from training.train import TrainOptions, train
@@ -43,6 +47,8 @@ from training.presets import Preset, get_preset, lora_config
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+DPO_CHECKPOINTS_DIR = "checkpoints-dpo"
+SFT_ADAPTER_DIR = "sft-adapter"
 # transformers reads these GGUF architectures (transformers.modeling_gguf_pytorch_utils); the trainer needs a
 # decoder-only one. Checked against that list at run time too, so a newer transformers cannot widen it silently.
 CAUSAL_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma2",
@@ -89,6 +95,19 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """Where a `resume=True` run continues: inside SFT (its checkpoint), or after it, inside DPO."""
+
+    sft_checkpoint: Path | None = None  # SFT continues from here (None: SFT finished in an earlier session)
+    sft_metrics: dict[str, Any] | None = None  # SFT's metrics when it finished earlier (then DPO comes next)
+    dpo_checkpoint: Path | None = None  # DPO continues from here (None: DPO starts from RUN/sft-adapter)
+
+    @property
+    def sft_done(self) -> bool:
+        return self.sft_metrics is not None
+
+
+@dataclass(frozen=True)
 class Base:
     binding: str
     target: str  # what hf_load.load_base and chat_format.prompt_format_for take: an alias, .gguf path or dir
@@ -109,16 +128,24 @@ def train(options: TrainOptions, progress: ProgressFn | None = None) -> TrainRes
     data = read_training_rows(options.dataset)
     pairs = read_pair_rows(options.dpo) if options.dpo else None
     data_hash = dataset_hash(options.dataset, options.dpo)
-    resume_from = check_run_folder(options, base, data_hash)
+    resume = check_run_folder(options, base, data_hash)
     config = run_config(options, preset)
-    _write_run(options.out, base, options, config, data_hash, status="training", metrics={}, adapter=None)
+    if not resume.sft_done:
+        _write_run(options.out, base, options, config, data_hash, status="training", metrics={}, adapter=None)
 
     engine = _Engine.start(base, preset, options)
-    rows, dropped = tokenize_rows(data, base, engine.tokenizer, config["max_length"])
-    metrics = _sft(engine, rows, data.splits.get("val"), base, config, options, resume_from, progress)
-    metrics["examples"], metrics["dropped_too_long"] = len(rows["train"]), dropped
+    if resume.sft_done:  # interrupted inside DPO: SFT is not run again
+        metrics = dict(resume.sft_metrics or {})
+        _load_adapter(engine, options.out / SFT_ADAPTER_DIR)
+    else:
+        rows, dropped = tokenize_rows(data, base, engine.tokenizer, config["max_length"])
+        metrics = _sft(engine, rows, data.splits.get("val"), base, config, options, resume.sft_checkpoint, progress)
+        metrics["examples"], metrics["dropped_too_long"] = len(rows["train"]), dropped
+        if pairs is not None:  # SFT's end is where an interrupted DPO restarts
+            engine.model.save_pretrained(str(options.out / SFT_ADAPTER_DIR))
+            _write_run(options.out, base, options, config, data_hash, status="dpo", metrics=metrics, adapter=None)
     if pairs is not None:
-        metrics["dpo"] = _dpo(engine, pairs, base, config, options, progress)
+        metrics["dpo"] = _dpo(engine, pairs, base, config, options, progress, resume.dpo_checkpoint)
     adapter_dir = options.out / ADAPTER_DIR
     # After DPO the model also holds "ref" (trl's copy of the SFT adapter, its reference): save only "default".
     engine.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
@@ -215,8 +242,8 @@ def dataset_hash(folder: Path, pairs: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def check_run_folder(options: TrainOptions, base: Base, data_hash: str) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); UsageError when the folder does not fit the request."""
+def check_run_folder(options: TrainOptions, base: Base, data_hash: str) -> ResumePoint:
+    """Where to resume (nothing set for a fresh run); UsageError when the folder does not fit the request."""
     out, stored = options.out, _read_run(options.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
@@ -224,23 +251,30 @@ def check_run_folder(options: TrainOptions, base: Base, data_hash: str) -> Path 
         if stored is not None or (out.exists() and any(out.iterdir())):
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it, or give a new folder "
                              "(nothing was overwritten)")
-        return None
+        return ResumePoint()
     if stored is None:
         raise UsageError(f"--resume: {out} holds no run ({RUN_FILE} is missing); start it without --resume")
     for key, now in (("base", base.binding), ("preset", options.preset), ("data_hash", data_hash)):
         if stored.get(key) != now:
             raise UsageError(f"--resume: {out} was trained with {key} {stored.get(key)!r}, not {now!r}; resume with "
-                             "the same --base, --preset and --dataset, or start a new run")
+                             "the same --base, --preset, --dataset and --dpo, or start a new run")
+    if stored.get("status") == "dpo":
+        if not (out / SFT_ADAPTER_DIR / "adapter_config.json").is_file():
+            raise UsageError(f"--resume: {out} finished SFT but {out / SFT_ADAPTER_DIR} is missing; start again "
+                             "without --resume in a new folder")
+        return ResumePoint(sft_metrics=dict(stored.get("metrics") or {}),
+                           dpo_checkpoint=last_checkpoint(out, DPO_CHECKPOINTS_DIR))
     checkpoint = last_checkpoint(out)
     if checkpoint is None:
         raise UsageError(f"--resume: {out / CHECKPOINTS_DIR} holds no complete checkpoint; start again without "
                          "--resume in a new folder")
-    return checkpoint
+    return ResumePoint(sft_checkpoint=checkpoint)
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose trainer_state.json parses (the trainer writes it after the weights)."""
-    folders = sorted((p for p in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*") if p.name[11:].isdigit()),
+def last_checkpoint(run_dir: Path, folder: str = CHECKPOINTS_DIR) -> Path | None:
+    """The newest checkpoint in RUN/`folder` (SFT's, or DPO_CHECKPOINTS_DIR) whose trainer_state.json parses (the
+    trainer writes it after the weights)."""
+    folders = sorted((p for p in (run_dir / folder).glob("checkpoint-*") if p.name[11:].isdigit()),
                      key=lambda p: int(p.name[11:]), reverse=True)
     for folder in folders:
         try:
@@ -460,27 +494,44 @@ def pair_texts(data: LoadedDataset, base: Base) -> dict[str, list[dict[str, str]
 
 
 def _dpo(engine: _Engine, pairs: LoadedDataset, base: Base, config: dict[str, Any], options: TrainOptions,
-         progress: ProgressFn | None) -> dict[str, Any]:
+         progress: ProgressFn | None, resume_from: Path | None = None) -> dict[str, Any]:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     texts = pair_texts(pairs, base)
     args = DPOConfig(
-        output_dir=str(options.out / f"{CHECKPOINTS_DIR}-dpo"), max_steps=options.dpo_max_steps or -1,
+        output_dir=str(options.out / DPO_CHECKPOINTS_DIR), max_steps=options.dpo_max_steps or -1,
         num_train_epochs=1, learning_rate=config["learning_rate"] / 4, beta=options.dpo_beta,
-        per_device_train_batch_size=min(config["batch_size"], 2), logging_steps=1, save_strategy="no",
-        seed=options.seed, report_to="none", disable_tqdm=True, max_length=config["max_length"],
+        per_device_train_batch_size=min(config["batch_size"], 2), logging_steps=1, save_strategy="steps",
+        save_steps=options.save_steps, save_total_limit=2, seed=options.seed, data_seed=options.seed,
+        report_to="none", disable_tqdm=True, max_length=config["max_length"],
         use_cpu=engine.device == "cpu", bf16=engine.device == "cuda" and _bf16(), dataloader_num_workers=0,
         gradient_checkpointing=engine.device == "cuda")
     callback = _progress_callback("dpo", progress)
     trainer = DPOTrainer(model=engine.model, args=args, train_dataset=Dataset.from_list(texts["train"]),
                          processing_class=engine.tokenizer, callbacks=[callback])
     _quiet(trainer)
-    trainer.train()
+    # On resume the trainer loads both adapters of the checkpoint ("default" and trl's "ref"), so the reference
+    # stays the SFT adapter, not the partly trained one.
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     engine.model = trainer.model
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "steps": trainer.state.global_step, "pairs": len(texts["train"]), "beta": options.dpo_beta}
+            "steps": trainer.state.global_step, "steps_this_session": callback.steps, "pairs": len(texts["train"]),
+            "beta": options.dpo_beta}
+
+
+def _load_adapter(engine: _Engine, folder: Path) -> None:
+    """Put the adapter saved in `folder` (SFT's end) on the engine's model, trainable, as its "default" adapter."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if engine.peft_config is not None:  # a plain base (trl engine): the preset's LoRA, as SFT built it
+        engine.model, engine.peft_config = get_peft_model(engine.model, engine.peft_config), None
+    loaded = set_peft_model_state_dict(engine.model, load_peft_weights(str(folder), device="cpu"))
+    if loaded.unexpected_keys:
+        raise UsageError(f"{folder} does not fit the preset's adapter ({loaded.unexpected_keys[0]}); start again "
+                         "without --resume in a new folder")
 
 
 def _progress_callback(phase: str, progress: ProgressFn | None) -> Any:
