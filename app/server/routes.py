@@ -40,6 +40,7 @@ from app.services import Services
 from app.wire import CallInfo, ChatChunk, ChatRequest, Message
 
 log = logging.getLogger("slmswap.server")
+CHAT_PATH = "/v1/chat/completions"
 SESSION_HEADER = "x-slmswap-session"
 CAPTURE_HEADER = "x-slmswap-capture"
 _HEADER_SAFE = "".join(chr(c) for c in range(33, 127) if chr(c) != "%")  # printable ASCII stays as it is
@@ -275,9 +276,11 @@ def create_app(settings: Settings, services: Services | None = None, prompts: Pr
     app.state.proxy = proxy
     _errors(app)
 
-    # A plain Starlette route: FastAPI's dependency solving and response validation would be work per request for
-    # an endpoint that reads its own body and renders its own response.
-    app.add_route("/v1/chat/completions", proxy.chat, methods=["POST"])
+    # The route is declared (so a GET gets its 405), but POSTs are answered by ChatFastPath before Starlette's
+    # exception middleware, routing and request/response wrappers: work per request for an endpoint that reads its
+    # own body and renders its own responses and errors.
+    app.add_route(CHAT_PATH, proxy.chat, methods=["POST"])
+    app.add_middleware(ChatFastPath, proxy=proxy)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -328,6 +331,28 @@ def _store_feedback(services: Services, raw: bytes) -> dict:
             raise HTTPProblem(404, str(exc), "invalid_request_error", "call_not_found", "call_id") from None
         raise
     return {"id": feedback_id, "call_id": body["call_id"], "object": "feedback"}
+
+
+class ChatFastPath:
+    """ASGI middleware that answers `POST /v1/chat/completions` itself, with the same error rendering as the
+    app's exception handlers (`error_for`); every other request goes on to the app."""
+
+    def __init__(self, app, proxy: Proxy):
+        self.app, self.proxy = app, proxy
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != CHAT_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self.proxy.chat(request)
+        except Exception as exc:  # noqa: BLE001 - rendered as OpenAI's error body, as the exception handlers do
+            if not isinstance(exc, SlmSwapError):  # a defect of ours, never the client's input
+                log.error("internal error answering POST %s", CHAT_PATH, exc_info=exc)
+            status, body, headers = error_for(exc)
+            response = JSONResponse(body, status_code=status, headers=headers)
+        await response(scope, receive, send)
 
 
 def _errors(app: FastAPI) -> None:
