@@ -192,7 +192,8 @@ def unlearned_tags(path: Path, tags: ToolTags) -> tuple[str, ...]:
     (cosine >= UNLEARNED_COSINE after dequantising: quantisation leaves a few bytes apart) the table's
     last row, a padding row past the tokenizer's vocabulary that training never touched.
 
-    Qwen2.5-Coder-0.5B-Instruct's <tool_call> (151657) and </tool_call> (151658) are two of 207 such rows. Fed as
+    Qwen2.5-Coder-0.5B-Instruct's <tool_call> (151657) and </tool_call> (151658) are such rows (cosine 1.00
+    to the last row; its trained <|im_start|> is at 0.92). Fed as
     that token, the tool instructions and the worked examples it was shown read as `<?>\\n{json}\\n<?>`; it
     answered with `<|im_start|>` (p 0.65; 151657 had log-probability -19.6), a control token that renders as
     nothing, so its call came out bare. Spelled as text, it writes the tags. SmolLM2 has no such row.
