@@ -188,7 +188,7 @@ def _tag_token(llm: Any, tag: str) -> int | None:
 
 
 def unlearned_tags(path: Path, tags: ToolTags) -> tuple[str, ...]:
-    """The tag strings whose single token the model never learned: its input-embedding row is byte-identical to
+    """The tag strings whose single token the model never learned: its input-embedding row is the same as
     (cosine >= UNLEARNED_COSINE after dequantising: quantisation leaves a few bytes apart) the table's
     last row, a padding row past the tokenizer's vocabulary that training never touched.
 
