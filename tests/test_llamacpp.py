@@ -470,3 +470,25 @@ def test_gemma_decodes_valid_json_under_a_grammar():
                                  response_format={"type": "json_schema", "json_schema": {"schema": schema}}))
     assert backend.model().family == "gemma"
     Draft202012Validator(schema).validate(json.loads(resp.message.content))
+
+
+def test_qwen_reads_its_unlearned_tool_tags_as_text(qwen):
+    # Qwen2.5-Coder-0.5B's <tool_call>/</tool_call> embedding rows equal its padding rows (never trained): fed as
+    # those tokens, worked examples read as `<?>{json}<?>` and its free answers came back bare (it wrote
+    # <|im_start|>, which renders as nothing). The prompt now spells them as the text tokens of "<tool_call>".
+    model = qwen.model()
+    assert model.spelled_tags == ("<tool_call>", "</tool_call>")
+    assert model.tags == ToolTags(open=151657, close=151658)  # the grammar and the output still use the tokens
+    tokens = model.tokenize('<|im_start|>assistant\n<tool_call>\n{"a": 1}\n</tool_call><|im_end|>')
+    assert 151657 not in tokens and 151658 not in tokens and tokens[0] == 151644 and tokens[-1] == 151645
+    assert model.llm.detokenize(tokens, special=True).decode() == \
+        '<|im_start|>assistant\n<tool_call>\n{"a": 1}\n</tool_call><|im_end|>'
+    assert tokens[3:7] == model.llm.tokenize(b"<", add_bos=False, special=False) + \
+        model.llm.tokenize(b"tool_call>", add_bos=False, special=False)
+
+
+def test_a_model_with_learned_or_text_tags_tokenizes_as_before(smol):
+    model = smol.model()
+    assert model.spelled_tags == ()
+    text = "<|im_start|>user\n<tool_call>\n{}\n</tool_call><|im_end|>"
+    assert model.tokenize(text) == model.llm.tokenize(text.encode(), add_bos=True, special=True)

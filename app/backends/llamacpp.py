@@ -18,6 +18,7 @@ import codecs
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,9 @@ DEFAULT_TEMPERATURE = 0.0
 # llama.cpp's own defaults for the sampled (temperature > 0) path: they keep a 135M model off the long tail.
 TOP_K, MIN_P = 40, 0.05
 PENALTY_WINDOW = 256
+# An embedding row this close to a padding row's was never trained (Qwen2.5-Coder-0.5B's <tool_call>: see
+# `unlearned_tags`; its trained <|im_start|> is at 0.92 of that row).
+UNLEARNED_COSINE = 0.99
 
 
 def default_threads() -> int:
@@ -75,6 +79,8 @@ class LocalModel:
     _pieces: dict[int, bytes] = field(default_factory=dict)
     _tokenizer: Any = None
     prompt_format: chat_format.PromptFormat | None = None  # None: the hand-written `family`
+    # Tags whose one token the model never learned (`unlearned_tags`): the prompt spells them as text it can read.
+    spelled_tags: tuple[str, ...] = ()
 
     @property
     def vocab(self) -> Any:
@@ -88,6 +94,23 @@ class LocalModel:
             special = token in (self.tags.open, self.tags.close)
             piece = self._pieces[token] = self._to_piece(token, 64, special)
         return piece
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """The prompt's tokens, special tokens parsed, except `spelled_tags`, which are written as ordinary text
+        (llama.cpp matches a user-defined token even with special=False, so the tag is cut before its name)."""
+        llm = self.llm
+        if not self.spelled_tags:
+            return llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        tokens = llm.tokenize(b"", add_bos=True, special=True)  # the BOS, where the model adds one
+        pattern = "(" + "|".join(map(re.escape, self.spelled_tags)) + ")"
+        for i, part in enumerate(re.split(pattern, prompt)):
+            if i % 2:  # a tag: "<" + "tool_call>", "</" + "tool_call>", the tokens the text has without the tag
+                cut = re.search(r"\w", part).start()  # type: ignore[union-attr]
+                tokens += [t for half in (part[:cut], part[cut:])
+                           for t in llm.tokenize(half.encode(), add_bos=False, special=False)]
+            elif part:
+                tokens += llm.tokenize(part.encode(), add_bos=False, special=True)
+        return tokens
 
     def _to_piece(self, token: int, size: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(size)
@@ -138,7 +161,9 @@ def _load(path: Path, options: GGUFOptions) -> LocalModel:
             f"llama.cpp could not load {path}: {exc}; is it a GGUF file (and the LoRA one made for it)?"
         ) from None
     fmt = chat_format.prompt_format_of(llm.metadata)
-    return LocalModel(llm=llm, family=fmt.family, eog=_eog_tokens(llm), tags=tool_tags(llm), prompt_format=fmt)
+    tags = tool_tags(llm)
+    return LocalModel(llm=llm, family=fmt.family, eog=_eog_tokens(llm), tags=tags, prompt_format=fmt,
+                      spelled_tags=unlearned_tags(path, tags))
 
 
 def _eog_tokens(llm: Any) -> frozenset[int]:
@@ -160,6 +185,35 @@ def _tag_token(llm: Any, tag: str) -> int | None:
         return None
     attr = llama_cpp.llama_token_get_attr(llama_cpp.llama_model_get_vocab(llm.model), tokens[0])
     return tokens[0] if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED) else None
+
+
+def unlearned_tags(path: Path, tags: ToolTags) -> tuple[str, ...]:
+    """The tag strings whose single token the model never learned: its input-embedding row is the same as
+    (cosine >= UNLEARNED_COSINE after dequantising: quantisation leaves a few bytes apart) the table's
+    last row, a padding row past the tokenizer's vocabulary that training never touched.
+
+    Qwen2.5-Coder-0.5B-Instruct's <tool_call> (151657) and </tool_call> (151658) are such rows (cosine 1.00
+    to the last row; its trained <|im_start|> is at 0.92). Fed as
+    that token, the tool instructions and the worked examples it was shown read as `<?>\\n{json}\\n<?>`; it
+    answered with `<|im_start|>` (p 0.65; 151657 had log-probability -19.6), a control token that renders as
+    nothing, so its call came out bare. Spelled as text, it writes the tags. SmolLM2 has no such row.
+    """
+    special = [(tag, t) for tag, t in ((TOOL_OPEN, tags.open), (TOOL_CLOSE, tags.close)) if t is not None]
+    if not special:
+        return ()
+    from gguf import GGUFReader
+
+    from gguf import dequantize
+
+    table = next((t for t in GGUFReader(path).tensors if t.name == "token_embd.weight"), None)
+    if table is None or len(table.data) == 0:
+        return ()
+    last = len(table.data) - 1
+    ids = [t for _, t in special if t < last]
+    rows = dequantize(table.data[[*ids, last]], table.tensor_type).astype(np.float64)
+    pad = rows[-1]
+    same = {t for t, row in zip(ids, rows) if row @ pad >= UNLEARNED_COSINE * np.linalg.norm(row) * np.linalg.norm(pad)}
+    return tuple(tag for tag, t in special if t in same)
 
 
 # ---- one generation ------------------------------------------------------------------------------------
@@ -225,7 +279,7 @@ def generate(model: LocalModel, prompt: str, sampling: Sampling, mask: TokenMask
     `fast_forward=False` samples every token even where the grammar forces it (for benchmarks).
     """
     llm = model.llm
-    tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    tokens = model.tokenize(prompt)
     budget = _budget(llm, len(tokens), sampling.max_tokens)
     _prefill(llm, tokens)
     sampler = _sampler(sampling, llm.n_vocab())
