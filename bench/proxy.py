@@ -288,9 +288,22 @@ def failures(results: Results) -> str:
     return f"failed requests: {bad}" if bad else "failed requests: none"
 
 
+def reference_ms() -> float:
+    """How fast this machine runs Python right now: the best of 5 runs of a fixed loop (1M additions), in ms.
+    The same host has measured 2x apart on one day; absolute latencies compare only at a similar figure."""
+    best = float("inf")
+    for _ in range(5):
+        start, x = time.perf_counter(), 0
+        for i in range(1_000_000):
+            x += i
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
 def conditions() -> str:
     load = os.getloadavg()
-    return f"{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
+    return (f"{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min), "
+            f"Python reference loop {reference_ms():.0f} ms (1M additions, best of 5)")
 
 
 async def bench(args: argparse.Namespace, targets: dict[str, Target], servers: dict[str, Server],
