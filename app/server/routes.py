@@ -72,6 +72,8 @@ class Proxy:
         # Langfuse keys are read once: a server's environment and config do not change while it serves, and reading
         # them costs more per request than the rest of the request's bookkeeping.
         self.traced = observability_client(settings) is not None
+        self.routes = frozenset(settings.route_names())  # the settings do not change while the server runs
+        self.managed = frozenset(name for name, route in settings.routes.items() if route.managed_prompt)
 
     # ---- request checks --------------------------------------------------------------------------------------
 
@@ -109,9 +111,9 @@ class Proxy:
                                 "or raise [proxy] max_body_bytes", "invalid_request_error", "request_too_large")
 
     def route_of(self, model: str) -> str:
-        names = self.settings.route_names()
-        if model in names or self.settings.proxy.open_routes:
+        if model in self.routes or self.settings.proxy.open_routes:
             return model
+        names = self.settings.route_names()
         raise HTTPProblem(404, f"model {model!r} names no route; the routes are: {', '.join(names)} (or set [proxy] "
                                "open_routes = true to create routes on first use)", "invalid_request_error",
                           "model_not_found", "model")
@@ -126,7 +128,7 @@ class Proxy:
     async def template(self, req: ChatRequest, ctx: CallContext) -> tuple[ChatRequest, CallContext]:
         """The template the call counts on (its system prompt's fingerprint) and, where the route has
         `managed_prompt`, the request with the selected template in place of the client's system prompt."""
-        managed = self.settings.route(ctx.route).managed_prompt
+        managed = ctx.route in self.managed
         if self.prompts is None or self.services.store is None or not (ctx.capture or managed):
             return req, ctx
         system = next((m for m in req.messages if m.role in ("system", "developer")), None)
