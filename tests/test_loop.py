@@ -8,7 +8,6 @@ import asyncio
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -55,9 +54,8 @@ def capture(scripted, n: int, start: int = 0) -> list[str]:
     their ids. The ids are fixed (the held-out split is a hash of the id), so every run splits the same way."""
     scripted("t").default = tool("get_weather", city="Paris", unit="celsius")
     settings = load_settings()
-    ids = iter(uuid.UUID(int=i + 1) for i in range(start, start + n))
-    with CaptureStore.open(settings.store.url) as store, \
-            mock.patch.object(router_module, "uuid", SimpleNamespace(uuid4=lambda: next(ids))):
+    ids = iter(uuid.UUID(int=i + 1).hex for i in range(start, start + n))
+    with CaptureStore.open(settings.store.url) as store, mock.patch.object(router_module, "new_id", lambda: next(ids)):
         router = Router(settings, store)
 
         async def go():
