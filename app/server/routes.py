@@ -350,11 +350,17 @@ class ChatFastPath:
         try:
             response = await self.proxy.chat(request)
         except Exception as exc:  # noqa: BLE001 - rendered as OpenAI's error body, as the exception handlers do
-            if not isinstance(exc, SlmSwapError):  # a defect of ours, never the client's input
-                log.error("internal error answering POST %s", CHAT_PATH, exc_info=exc)
-            status, body, headers = error_for(exc)
-            response = JSONResponse(body, status_code=status, headers=headers)
+            response = error_response(request, exc)
         await response(scope, receive, send)
+
+
+def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """OpenAI's error body with the right status; anything but our own errors is a defect of ours (logged),
+    never the client's input."""
+    if not isinstance(exc, SlmSwapError):
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+    status, body, headers = error_for(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _errors(app: FastAPI) -> None:
@@ -362,14 +368,11 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(SlmSwapError)
     async def ours(request: Request, exc: SlmSwapError) -> JSONResponse:
-        status, body, headers = error_for(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return error_response(request, exc)
 
     @app.exception_handler(Exception)
-    async def bug(request: Request, exc: Exception) -> JSONResponse:  # a defect of ours, never the client's input
-        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
-        status, body, headers = error_for(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
